@@ -1,0 +1,75 @@
+"""``MemoptConfig``: every option of memopt in one validated dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .units import parse_bytes
+
+__all__ = ["MemoptConfig"]
+
+_SHAPE_POLICIES = ("recompute", "error")
+
+
+@dataclass
+class MemoptConfig:
+    """Options of ``memopt.optimize`` and friends.
+
+    Args:
+        loss_fn (Callable | None, default None): ``loss_fn(output, sample) -> scalar tensor`` when the
+            model's output has no ``.loss``.
+        units (list[str] | None, default None): module paths (``fnmatch`` patterns allowed, e.g.
+            ``"model.layers.*"``) of the planning units. None picks every block of the model's largest
+            list of repeated modules, or the children of a top-level ``nn.Sequential``.
+        token_separable (dict[str, bool], default {}): declare units token-separable (True) or not
+            (False) by pattern, instead of the probe.
+        probe_separable (bool, default True): probe each unit for token separability while profiling.
+        row_multiple (int, default 64): token-wise cuts fall on multiples of this many rows.
+        time_limit_s (float, default 10.0): MIP time limit, seconds; the incumbent is used after it.
+        mip_gap (float, default 0.005): relative MIP gap at which the solver stops.
+        host_budget (int | str | None, default None): host bytes swapped activations may use; None
+            means half the host's available memory.
+        profile_repeats (int, default 1): timed repeats of each unit; times are medians.
+        on_shape_change (str, default "recompute"): what a batch of another shape than the profiled
+            one gets. ``"recompute"`` recomputes every unit whose plan depends on shapes (token-wise
+            units) and warns once: always exact, may cost time. ``"error"`` raises.
+        allow_swap (bool, default True): let the planner swap to host memory.
+        allow_recompute (bool, default True): let the planner recompute.
+    """
+
+    loss_fn: Callable[[Any, Any], Any] | None = None
+    units: list[str] | None = None
+    token_separable: dict[str, bool] = field(default_factory=dict)
+    probe_separable: bool = True
+    row_multiple: int = 64
+    time_limit_s: float = 10.0
+    mip_gap: float = 0.005
+    host_budget: int | str | None = None
+    profile_repeats: int = 1
+    on_shape_change: str = "recompute"
+    allow_swap: bool = True
+    allow_recompute: bool = True
+
+    def __post_init__(self) -> None:
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise ValueError(f"loss_fn must be callable as loss_fn(output, sample), got {self.loss_fn!r}")
+        if self.units is not None:
+            if isinstance(self.units, str) or not all(isinstance(u, str) for u in self.units):
+                raise ValueError(f"units must be a list of module paths, got {self.units!r}; e.g. ['model.layers.*']")
+            if not self.units:
+                raise ValueError("units is an empty list; pass None to pick the repeated blocks automatically")
+        if not isinstance(self.row_multiple, int) or self.row_multiple < 1:
+            raise ValueError(f"row_multiple must be a positive int, got {self.row_multiple!r}; 64 is a good choice")
+        if not self.time_limit_s > 0:
+            raise ValueError(f"time_limit_s must be positive, got {self.time_limit_s!r}")
+        if not 0 <= self.mip_gap < 1:
+            raise ValueError(f"mip_gap must be in [0, 1), got {self.mip_gap!r}; e.g. 0.005")
+        if self.host_budget is not None:
+            self.host_budget = parse_bytes(self.host_budget, what="host_budget")
+        if not isinstance(self.profile_repeats, int) or self.profile_repeats < 1:
+            raise ValueError(f"profile_repeats must be an int >= 1, got {self.profile_repeats!r}")
+        if self.on_shape_change not in _SHAPE_POLICIES:
+            raise ValueError(f"on_shape_change must be one of {_SHAPE_POLICIES}, got {self.on_shape_change!r}")
+        if not (self.allow_swap or self.allow_recompute):
+            raise ValueError("allow_swap and allow_recompute are both False; nothing could save memory")

@@ -1,0 +1,137 @@
+"""Hardware figures the planner and the roofline model need; presets and a measurement of this machine."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+__all__ = ["Hardware"]
+
+_GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One accelerator and the host beside it.
+
+    Args:
+        name (str): preset or device name.
+        device_bytes (int): accelerator memory, bytes.
+        host_bytes (int): host memory memopt may use for swapped activations, bytes.
+        h2d_bytes_per_s (float): pinned host-to-device copy bandwidth, bytes/s.
+        d2h_bytes_per_s (float): pinned device-to-host copy bandwidth, bytes/s.
+        peak_flops_per_s (float): dense matmul throughput at the training dtype, FLOP/s.
+        mem_bytes_per_s (float): device memory bandwidth, bytes/s.
+        async_copies (bool, default True): copies to and from the host overlap compute (CUDA side
+            streams). False on CPU, where a swap is a synchronous memcpy.
+    """
+
+    name: str
+    device_bytes: int
+    host_bytes: int
+    h2d_bytes_per_s: float
+    d2h_bytes_per_s: float
+    peak_flops_per_s: float
+    mem_bytes_per_s: float
+    async_copies: bool = True
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name not in ("name", "async_copies") and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"Hardware.{field.name} must be a positive number, got {value!r}")
+
+    @classmethod
+    def preset(cls, name: str) -> Hardware:
+        """A named preset: one of ``Hardware.preset_names()``.
+
+        Raises:
+            ValueError: unknown name; the message lists the known ones.
+        """
+        key = name.lower().replace("_", "-")
+        if key not in _PRESETS:
+            raise ValueError(f"unknown GPU preset {name!r}; choose one of {', '.join(sorted(_PRESETS))}")
+        return _PRESETS[key]
+
+    @staticmethod
+    def preset_names() -> list[str]:
+        return sorted(_PRESETS)
+
+    @classmethod
+    def measure(cls, device: str | None = None) -> Hardware:
+        """Read this machine's figures: memory sizes, copy bandwidths and matmul/memory throughput.
+
+        Takes about a second. On CPU the "device" is host memory and copies are memcpy.
+
+        Args:
+            device (str | None, default None): ``"cuda"``, ``"cuda:1"`` or ``"cpu"``; None picks CUDA when present.
+        """
+        import torch
+
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(device)
+        host_bytes = _host_memory_bytes()
+        if dev.type == "cuda":
+            props = torch.cuda.get_device_properties(dev)
+            device_bytes, name = int(props.total_memory), props.name
+            sync = lambda: torch.cuda.synchronize(dev)  # noqa: E731
+            dtype = torch.bfloat16
+        else:
+            device_bytes, name = host_bytes, "cpu"
+            sync = lambda: None  # noqa: E731
+            dtype = torch.float32
+        n_bytes = 64 << 20 if dev.type == "cuda" else 16 << 20
+        host = torch.empty(n_bytes, dtype=torch.uint8, pin_memory=dev.type == "cuda")
+        dev_buf = torch.empty(n_bytes, dtype=torch.uint8, device=dev)
+        dev_buf2 = torch.empty_like(dev_buf)
+
+        def rate(fn, work: float, repeats: int = 5) -> float:
+            fn()
+            sync()
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                sync()
+                times.append(time.perf_counter() - start)
+            return work / max(sorted(times)[len(times) // 2], 1e-9)
+
+        h2d = rate(lambda: dev_buf.copy_(host, non_blocking=True), n_bytes)
+        d2h = rate(lambda: host.copy_(dev_buf, non_blocking=True), n_bytes)
+        mem = rate(lambda: dev_buf2.copy_(dev_buf), 2 * n_bytes)
+        side = 2048 if dev.type == "cuda" else 256
+        a = torch.randn(side, side, device=dev, dtype=dtype)
+        flops = rate(lambda: a @ a, 2 * side**3)
+        return cls(name, device_bytes, host_bytes // 2, h2d, d2h, flops, mem, async_copies=dev.type == "cuda")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Hardware:
+        return cls(**data)
+
+
+def _host_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 16 * _GiB
+
+
+_PRESETS = {
+    # Pinned-copy bandwidths are what a single process sees, not the link's nominal figure.
+    "h100": Hardware("h100", 80 * _GiB, 512 * _GiB, 55e9, 55e9, 780e12, 3.0e12),
+    "h200": Hardware("h200", 141 * _GiB, 1024 * _GiB, 55e9, 55e9, 800e12, 4.4e12),
+    "a100-80g": Hardware("a100-80g", 80 * _GiB, 512 * _GiB, 24e9, 24e9, 280e12, 1.8e12),
+    "a100-40g": Hardware("a100-40g", 40 * _GiB, 256 * _GiB, 24e9, 24e9, 280e12, 1.4e12),
+    "l4": Hardware("l4", 24 * _GiB, 128 * _GiB, 12e9, 12e9, 110e12, 0.27e12),
+    "rtx4090": Hardware("rtx4090", 24 * _GiB, 64 * _GiB, 22e9, 22e9, 150e12, 0.9e12),
+    "cpu": Hardware("cpu", 16 * _GiB, 16 * _GiB, 10e9, 10e9, 0.2e12, 20e9, async_copies=False),
+}

@@ -1,0 +1,1 @@
+"""Planners: torch-free pure functions of a TrainingGraph that return a Plan."""
