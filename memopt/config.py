@@ -36,6 +36,9 @@ class MemoptConfig:
             units) and warns once: always exact, may cost time. ``"error"`` raises.
         allow_swap (bool, default True): let the planner swap to host memory.
         allow_recompute (bool, default True): let the planner recompute.
+        optimizer_states_per_param (float, default 2.0): optimizer state bytes per trainable parameter
+            byte, for the model-state part of a byte budget (AdamW 2, SGD with momentum 1, SGD 0).
+        lookahead (int, default 1): units whose swapped activations are prefetched ahead in backward.
     """
 
     loss_fn: Callable[[Any, Any], Any] | None = None
@@ -50,6 +53,8 @@ class MemoptConfig:
     on_shape_change: str = "recompute"
     allow_swap: bool = True
     allow_recompute: bool = True
+    optimizer_states_per_param: float = 2.0
+    lookahead: int = 1
 
     def __post_init__(self) -> None:
         if self.loss_fn is not None and not callable(self.loss_fn):
@@ -71,5 +76,9 @@ class MemoptConfig:
             raise ValueError(f"profile_repeats must be an int >= 1, got {self.profile_repeats!r}")
         if self.on_shape_change not in _SHAPE_POLICIES:
             raise ValueError(f"on_shape_change must be one of {_SHAPE_POLICIES}, got {self.on_shape_change!r}")
+        if not self.optimizer_states_per_param >= 0:
+            raise ValueError(f"optimizer_states_per_param must be >= 0, got {self.optimizer_states_per_param!r}; AdamW is 2")
+        if not isinstance(self.lookahead, int) or self.lookahead < 1:
+            raise ValueError(f"lookahead must be an int >= 1, got {self.lookahead!r}")
         if not (self.allow_swap or self.allow_recompute):
             raise ValueError("allow_swap and allow_recompute are both False; nothing could save memory")

@@ -33,10 +33,12 @@ class Unit:
         tokens (int): rows along the flattened token axis (batch x sequence for a (B, T, ...) input); 0
             when the unit has none.
         token_separable (bool): output rows depend only on the same input rows (probed, or declared).
-        forward_workspace_bytes (int): transient peak during forward beyond what the unit saves and
-            returns, bytes.
-        backward_workspace_bytes (int): transient peak during backward beyond the unit's saved tensors,
-            bytes (activation gradients, temporaries).
+        forward_workspace_bytes (int): transient peak of a forward that saves its tensors, beyond
+            those saved tensors, bytes (outputs, temporaries).
+        backward_workspace_bytes (int): transient peak during backward (a recompute included) beyond
+            the unit's saved tensors, bytes (activation gradients, temporaries).
+        checkpoint_workspace_bytes (int): peak of a forward that saves nothing (whole-unit recompute),
+            bytes; intermediates live only until consumed.
         param_grad_bytes (int): bytes of the gradients of the unit's own parameters.
         flops (float): forward FLOPs, when known (fake profile); 0 otherwise.
     """
@@ -52,6 +54,7 @@ class Unit:
     token_separable: bool = False
     forward_workspace_bytes: int = 0
     backward_workspace_bytes: int = 0
+    checkpoint_workspace_bytes: int = 0
     param_grad_bytes: int = 0
     flops: float = 0.0
 
@@ -62,7 +65,8 @@ class Unit:
                 f"{len(self.token_dims)}; give one token dim (or None) per saved tensor"
             )
         for key in ("forward_s", "backward_s", "input_bytes", "output_bytes", "tokens",
-                    "forward_workspace_bytes", "backward_workspace_bytes", "param_grad_bytes", "flops"):
+                    "forward_workspace_bytes", "backward_workspace_bytes", "checkpoint_workspace_bytes",
+                    "param_grad_bytes", "flops"):
             if getattr(self, key) < 0:
                 raise ValueError(f"unit {self.name!r}: {key} must be >= 0, got {getattr(self, key)!r}")
         if self.token_separable and self.tokens <= 0:
@@ -156,7 +160,8 @@ class Decision:
 
     ``keep + swap + recompute == 1``. For a token-separable unit the fractions are of its token rows:
     rows ``[0, keep_rows)`` stay on the device, ``[keep_rows, keep_rows + swap_rows)`` go to host memory
-    and the rest are recomputed from the unit's input rows. Otherwise they are fractions of bytes:
+    and the rest are recomputed from the unit's input rows (``rows`` in all, ``token_dims`` per saved
+    tensor). Otherwise they are fractions of bytes:
     ``recompute`` is 0 or 1 (the whole unit is checkpointed) and the saved tensors whose pack-order
     indices are in ``swap_tensors`` go to host memory.
     """
@@ -168,6 +173,8 @@ class Decision:
     token_wise: bool = False
     keep_rows: int = 0
     swap_rows: int = 0
+    rows: int = 0
+    token_dims: list[int | None] = field(default_factory=list)
     swap_tensors: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:

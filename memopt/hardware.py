@@ -72,6 +72,17 @@ class Hardware:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dev = torch.device(device)
+        if str(dev) in _MEASURED:
+            return _MEASURED[str(dev)]
+        # Measuring must not move the user's RNG streams: runs with and without memopt stay identical.
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [], device_type=dev.type):
+            _MEASURED[str(dev)] = cls._measure(dev)
+        return _MEASURED[str(dev)]
+
+    @classmethod
+    def _measure(cls, dev) -> Hardware:
+        import torch
+
         host_bytes = _host_memory_bytes()
         if dev.type == "cuda":
             props = torch.cuda.get_device_properties(dev)
@@ -112,6 +123,9 @@ class Hardware:
     @classmethod
     def from_dict(cls, data: dict) -> Hardware:
         return cls(**data)
+
+
+_MEASURED: dict[str, Hardware] = {}
 
 
 def _host_memory_bytes() -> int:

@@ -45,7 +45,8 @@ def realize(unit: Unit, keep: float, swap: float, recompute: float, row_multiple
         recompute_rows = min(rows - keep_rows, int(math.ceil(recompute * rows / step - 1e-9)) * step)
         swap_rows = rows - keep_rows - recompute_rows
         return Decision(unit.name, keep_rows / rows, swap_rows / rows, recompute_rows / rows,
-                        token_wise=True, keep_rows=keep_rows, swap_rows=swap_rows)
+                        token_wise=True, keep_rows=keep_rows, swap_rows=swap_rows, rows=rows,
+                        token_dims=list(unit.token_dims))
     if recompute >= 0.5 or (recompute > 1e-9 and not unit.token_separable and keep + swap < 1e-9):
         return Decision(unit.name, 0.0, 0.0, 1.0)
     if recompute > 1e-9:

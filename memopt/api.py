@@ -1,0 +1,215 @@
+"""The one-call API: ``optimize`` = ``profile`` + ``plan`` + ``apply``, and the ``Handle`` it returns."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from .blocks import select_units
+from .config import MemoptConfig
+from .graph import Decision, Plan, TrainingGraph
+from .hardware import Hardware
+from .runtime.engine import UnitPolicy
+from .runtime.hooks import Runtime
+from .units import format_bytes, parse_bytes
+
+__all__ = ["Handle", "apply", "optimize", "plan", "profile", "resolve_budget"]
+
+
+def profile(model: nn.Module, sample: Any, config: MemoptConfig | None = None,
+            hardware: Hardware | None = None) -> TrainingGraph:
+    """Profile one training step of ``model`` on ``sample`` (see ``memopt.profiler.profile_model``).
+
+    Example:
+        >>> import torch, memopt
+        >>> from memopt.testing import TinyMLP
+        >>> graph = memopt.profile(TinyMLP(), torch.randn(2, 128, 64), hardware=memopt.Hardware.preset("cpu"))
+        >>> len(graph.units)
+        4
+    """
+    from .profiler import profile_model
+
+    return profile_model(model, sample, config, hardware)
+
+
+def resolve_budget(graph: TrainingGraph, budget: int | str | float) -> int:
+    """Whole-step device bytes for a budget: bytes as given, or a float fraction of the activation peak.
+
+    The activation peak is the simulated peak with nothing saved, less the model states.
+    """
+    if isinstance(budget, float):
+        if not 0.0 < budget <= 1.0:
+            raise ValueError(f"a fractional budget must be in (0, 1], got {budget!r}; pass e.g. 0.5 or '12GiB'")
+        from .planners import baseline_plan
+
+        peak = baseline_plan(graph, "none").predicted_peak_bytes
+        base = graph.model_state_bytes
+        return int(base + budget * (peak - base))
+    return parse_bytes(budget, what="budget")
+
+
+def plan(graph: TrainingGraph, budget: int | str | float, config: MemoptConfig | None = None) -> Plan:
+    """Solve the MIP for ``graph`` under ``budget``.
+
+    Args:
+        graph (TrainingGraph): the profiled (or modelled) step.
+        budget (int | str | float): whole-step device bytes (``"12GiB"`` or an int), or a float in (0, 1]:
+            that fraction of the activation peak.
+        config (MemoptConfig | None): solver options.
+
+    Raises:
+        memopt.BudgetError: no plan fits; the message names the smallest budget that does.
+    """
+    config = config or MemoptConfig()
+    from .planners import solve
+
+    budget_bytes = resolve_budget(graph, budget)
+    host_budget = config.host_budget if config.host_budget is not None else graph.hardware.host_bytes
+    return solve(graph, budget_bytes, host_budget_bytes=host_budget, time_limit_s=config.time_limit_s,
+                 mip_gap=config.mip_gap, row_multiple=config.row_multiple, allow_swap=config.allow_swap,
+                 allow_recompute=config.allow_recompute, budget_spec=budget)
+
+
+def policy_for(decision: Decision) -> UnitPolicy:
+    """The runtime policy that carries out one decision."""
+    if decision.recompute >= 1.0 - 1e-9 and not decision.token_wise:
+        return UnitPolicy("recompute")
+    if decision.token_wise:
+        if decision.keep_rows >= decision.rows:
+            return UnitPolicy("keep")
+        if decision.keep_rows == 0 and decision.swap_rows == 0:
+            return UnitPolicy("recompute")
+        return UnitPolicy("tokenwise", keep_rows=decision.keep_rows, swap_rows=decision.swap_rows,
+                          rows=decision.rows, token_dims=tuple(decision.token_dims))
+    if decision.swap_tensors:
+        return UnitPolicy("swap", swap_tensors=frozenset(decision.swap_tensors))
+    return UnitPolicy("keep")
+
+
+class Handle:
+    """A model with a plan applied. ``remove()`` restores it exactly."""
+
+    def __init__(self, model: nn.Module, plan: Plan, config: MemoptConfig, graph: TrainingGraph | None) -> None:
+        self.model, self.plan, self.config, self.graph = model, plan, config, graph
+        units = select_units(model, config.units)
+        names = [name for name, _ in units]
+        planned = [d.unit for d in plan.decisions]
+        if names != planned:
+            raise ValueError(
+                f"the plan is for units {planned[:4]}... but the model's units are {names[:4]}...; make the plan "
+                "for this model (memopt.profile + memopt.plan) with the same MemoptConfig(units=...)"
+            )
+        host_bytes = int(plan.host_bytes * 1.1) + (1 << 20) if plan.host_bytes else 0
+        self._runtime = Runtime(model, units, [policy_for(d) for d in plan.decisions],
+                                host_capacity_bytes=host_bytes, lookahead=config.lookahead,
+                                on_shape_change=config.on_shape_change)
+        self._runtime.install()
+        self._applied_at = time.perf_counter()
+        model._memopt_handle = self
+
+    @property
+    def active(self) -> bool:
+        return self._runtime is not None
+
+    def stats(self) -> dict:
+        """Measured since the plan was applied: unit calls, recomputes and their seconds, host bytes."""
+        if self._runtime is None:
+            raise RuntimeError("memopt: this handle was removed; its stats are gone with it")
+        return {**self._runtime.stats(), "applied_s": time.perf_counter() - self._applied_at}
+
+    def report(self) -> str:
+        """The plan's table, followed by what was measured since it was applied."""
+        lines = [self.plan.summary()]
+        if self._runtime is not None:
+            stats = self._runtime.stats()
+            lines.append(f"measured        {stats['unit_forward_calls']} planned unit calls, "
+                         f"{stats['recomputes']} recomputes ({stats['recompute_s']:.3f} s)")
+            if "host_peak_bytes" in stats:
+                lines.append(f"host arena      peak {format_bytes(stats['host_peak_bytes'])}")
+        return "\n".join(lines)
+
+    def replan(self, sample: Any, budget: int | str | float | None = None) -> Plan:
+        """Profile again on ``sample`` (e.g. a batch of a new shape) and apply the new plan."""
+        budget = self.plan.budget_spec if budget is None else budget
+        model, config = self.model, self.config
+        self.remove()
+        handle = optimize(model, sample, budget, config)
+        self.__dict__.update(handle.__dict__)
+        model._memopt_handle = self
+        return self.plan
+
+    def remove(self) -> None:
+        """Take every hook off the model; it is exactly as before ``apply``."""
+        if self._runtime is None:
+            return
+        self._runtime.remove()
+        self._runtime.close()
+        self._runtime = None
+        if getattr(self.model, "_memopt_handle", None) is self:
+            del self.model._memopt_handle
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return f"<memopt.Handle {state}: {len(self.plan.decisions)} units, {self.plan.overhead:.3f}x predicted step>"
+
+
+def apply(model: nn.Module, plan: Plan, config: MemoptConfig | None = None,
+          graph: TrainingGraph | None = None) -> Handle:
+    """Apply ``plan`` to ``model`` through hooks; returns the ``Handle``.
+
+    Raises:
+        RuntimeError: the model already carries a memopt plan.
+    """
+    _check_not_applied(model)
+    return Handle(model, plan, config or MemoptConfig(), graph)
+
+
+def optimize(model: nn.Module, sample: Any, budget: int | str | float,
+             config: MemoptConfig | None = None) -> Handle:
+    """Profile one step, plan it under ``budget`` and apply the plan to ``model`` in place.
+
+    Args:
+        model (nn.Module): the model, in train mode.
+        sample: one batch: a tensor, a tuple of positional inputs or a dict of keyword inputs.
+        budget (int | str | float): whole-step device bytes (``"12GiB"``), or a float in (0, 1]: that fraction
+            of the profiled activation peak.
+        config (MemoptConfig | None): options; ``config.loss_fn(output, sample)`` gives the loss when
+            the output has no ``.loss``.
+
+    Returns:
+        Handle: ``.plan``, ``.report()``, ``.stats()``, ``.remove()``.
+
+    Raises:
+        memopt.BudgetError: the budget is below the smallest feasible one (named in the message).
+        RuntimeError: the model is already optimized.
+
+    Example:
+        >>> import torch, memopt
+        >>> from memopt.testing import TinyMLP
+        >>> model = TinyMLP()
+        >>> handle = memopt.optimize(model, torch.randn(2, 128, 64), budget=0.5)
+        >>> model(torch.randn(2, 128, 64)).backward()
+        >>> handle.remove()
+    """
+    _check_not_applied(model)
+    config = config or MemoptConfig()
+    graph = profile(model, sample, config)
+    solved = plan(graph, budget, config)
+    return Handle(model, solved, config, graph)
+
+
+def _check_not_applied(model: nn.Module) -> None:
+    if getattr(model, "_memopt_handle", None) is not None:
+        raise RuntimeError(
+            "memopt: this model is already optimized (nested optimize/apply); call handle.remove() first, "
+            "or handle.replan(sample) to plan it again"
+        )

@@ -1,0 +1,377 @@
+"""Live profiler: one training step in safe mode, measured into a ``TrainingGraph``.
+
+Safe mode recomputes every unit, so profiling needs no more memory than the leanest plan. Each unit's
+saved tensors are observed while it is recomputed in backward; parameters and buffers never count and
+tensors sharing a storage count once. Memory comes from ``MemoryMeter``; times from ``perf_counter``
+(with CUDA synchronisation on GPU). The step leaves no trace: gradients, buffers, RNG states and the
+model's modes are as they were.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from .blocks import select_units
+from .config import MemoptConfig
+from .graph import TrainingGraph, Unit
+from .hardware import Hardware
+from .meter import MemoryMeter
+from .runtime.engine import UnitPolicy, row_input_shape
+from .runtime.hooks import Runtime
+
+__all__ = ["compute_loss", "profile_model", "run_model"]
+
+
+def run_model(model: nn.Module, sample):
+    """Call the model on one batch: a tensor, a tuple/list of positional inputs, or a dict of keywords."""
+    if isinstance(sample, dict):
+        return model(**sample)
+    if isinstance(sample, (tuple, list)):
+        return model(*sample)
+    return model(sample)
+
+
+def compute_loss(output, sample, config: MemoptConfig) -> torch.Tensor:
+    """``output.loss`` when present, else ``config.loss_fn(output, sample)``, else a scalar output."""
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, dict):
+        loss = output.get("loss")
+    if loss is None and config.loss_fn is not None:
+        loss = config.loss_fn(output, sample)
+    if loss is None and isinstance(output, torch.Tensor) and output.dim() == 0:
+        loss = output
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise ValueError(
+            f"memopt needs a scalar loss: the model returned {type(output).__name__} without a .loss; pass "
+            "MemoptConfig(loss_fn=lambda output, sample: ...) returning a scalar tensor"
+        )
+    return loss
+
+
+@dataclass
+class _UnitRecord:
+    forward_s: list[float] = field(default_factory=list)
+    recompute_s: float = 0.0
+    backward_s: float = 0.0
+    input_bytes: int = 0
+    output_bytes: int = 0
+    forward_peak_live: int = 0
+    recompute_peak_live: int = 0
+    backward_peak_live: int = 0
+    tensor_bytes: list[int] = field(default_factory=list)
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
+    probe: tuple[bool, int, int, list[tuple[int, ...]]] | None = None
+    declared: bool | None = None
+    backward_start_s: float = 0.0
+
+
+class _Recorder:
+    """Callbacks from the runtime during the profiled step; raw live-byte peaks per phase."""
+
+    def __init__(self, meter: MemoryMeter, names: list[str], config: MemoptConfig, device: torch.device) -> None:
+        self.meter, self.names, self.config, self.device = meter, names, config, device
+        self.records = [_UnitRecord() for _ in names]
+        self.seen_inputs: set[int] = set()
+        self.runtime: Runtime | None = None
+        self.forward_t0 = 0.0
+        self.fixed_bytes = 0
+        self.fixed_at_last_forward = 0
+        self.head_peak_live = 0
+        self.current_backward: int | None = None
+        self.first_backward_s: float | None = None
+        for index, name in enumerate(names):
+            for pattern, value in config.token_separable.items():
+                if fnmatch.fnmatchcase(name, pattern):
+                    self.records[index].declared = bool(value)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def before_forward(self, index, args, kwargs) -> None:
+        rec = self.records[index]
+        for leaf in tree_leaves((args, kwargs)):
+            if isinstance(leaf, torch.Tensor):
+                key = leaf.untyped_storage()._cdata
+                if key not in self.seen_inputs and key not in self.runtime.param_storages:
+                    self.seen_inputs.add(key)
+                    rec.input_bytes += leaf.untyped_storage().nbytes()
+        self.sync()
+        self.meter.reset_window()
+        self.forward_t0 = time.perf_counter()
+
+    def after_forward(self, index, args, kwargs, out, forward) -> None:
+        self.sync()
+        rec = self.records[index]
+        rec.forward_s.append(time.perf_counter() - self.forward_t0)
+        rec.forward_peak_live = self.meter.window_peak_bytes
+        seen = set()
+        rec.output_bytes = 0
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor) and leaf.untyped_storage()._cdata not in seen:
+                seen.add(leaf.untyped_storage()._cdata)
+                rec.output_bytes += leaf.untyped_storage().nbytes()
+        if rec.declared is not False and (self.config.probe_separable or rec.declared):
+            rec.probe = self._probe(args, kwargs, out, forward)
+        self.fixed_at_last_forward = self.fixed_bytes
+        self.meter.reset_window()
+
+    def _probe(self, args, kwargs, out, forward):
+        """Run the unit on its last rows; returns (outputs equal, probe rows, full rows, saved shapes)."""
+        x = args[0] if len(args) == 1 else None
+        if (not isinstance(x, torch.Tensor) or x.dim() < 2 or not isinstance(out, torch.Tensor)
+                or any(isinstance(leaf, torch.Tensor) for leaf in tree_leaves(kwargs))):
+            return None
+        rows = x.numel() // max(x.shape[-1], 1)
+        step = self.config.row_multiple
+        n = (rows // 2) // step * step if rows >= 2 * step else rows // 2
+        if n < 1 or out.numel() % rows:
+            return None
+        xs = x.detach().reshape(rows, -1)[rows - n:].reshape(row_input_shape(x, n)).requires_grad_(x.requires_grad)
+        captured: list[torch.Tensor] = []
+
+        def capture(tensor):
+            captured.append(tensor.detach())
+
+        devices = [self.device] if self.device.type == "cuda" else []
+        self.meter.paused = True
+        try:
+            with torch.random.fork_rng(devices=devices, device_type=self.device.type), torch.enable_grad(), \
+                    torch.autograd.graph.saved_tensors_hooks(capture, _identity):
+                try:
+                    ys = forward(xs)
+                except Exception:  # noqa: BLE001 - a unit that cannot run on a row slice is not separable
+                    return None
+            equal = (isinstance(ys, torch.Tensor) and ys.numel() * rows == out.numel() * n
+                     and torch.equal(ys.detach().reshape(n, -1), out.detach().reshape(rows, -1)[rows - n:]))
+            shapes = _distinct_shapes(captured, self.runtime.param_storages)
+        finally:
+            self.meter.paused = False
+            del captured
+        return equal, n, rows, shapes
+
+    def on_backward(self, index: int) -> None:
+        self.sync()
+        now = time.perf_counter()
+        if self.current_backward is None:
+            self.head_peak_live = self.meter.window_peak_bytes
+            self.first_backward_s = now
+        else:
+            self.close_backward(now)
+        self.current_backward = index
+        self.records[index].backward_start_s = now
+        self.meter.reset_window()
+
+    def on_recompute(self, index: int, captured: list[torch.Tensor], seconds: float) -> None:
+        rec = self.records[index]
+        rec.recompute_s += seconds
+        rec.forward_s.append(seconds)
+        rec.recompute_peak_live = self.meter.window_peak_bytes
+        seen: set[int] = set()
+        rec.tensor_bytes, rec.shapes = [], []
+        for tensor in captured:
+            key = tensor.untyped_storage()._cdata
+            if key in seen or key in self.runtime.param_storages:
+                continue
+            seen.add(key)
+            rec.tensor_bytes.append(tensor.untyped_storage().nbytes())
+            rec.shapes.append(tuple(tensor.shape))
+
+    def close_backward(self, now: float) -> None:
+        index = self.current_backward
+        if index is None:
+            return
+        rec = self.records[index]
+        rec.backward_s = max(0.0, now - rec.backward_start_s - rec.recompute_s)
+        rec.backward_peak_live = self.meter.window_peak_bytes
+        self.current_backward = None
+
+    def workspaces(self) -> tuple[int, int, list[tuple[int, int, int]]]:
+        """Fixed bytes, head workspace and per-unit (forward, backward, checkpoint) workspaces.
+
+        Each is measured relative to what the simulator holds at that phase under the profiled plan
+        (every unit recomputed: it holds its inputs), so the simulator reproduces the profiled peaks.
+        """
+        fixed = self.fixed_at_last_forward
+        out = []
+        prior = fixed
+        for rec in self.records:
+            saved = sum(rec.tensor_bytes)
+            out.append((max(0, rec.recompute_peak_live - prior - saved),
+                        max(0, rec.backward_peak_live - prior - saved),
+                        max(0, rec.forward_peak_live - prior)))
+            prior += rec.input_bytes
+        return fixed, max(0, self.head_peak_live - prior), out
+
+
+def _identity(x):
+    return x
+
+
+def _distinct_shapes(tensors: list[torch.Tensor], params: set[int]) -> list[tuple[int, ...]]:
+    seen: set[int] = set()
+    shapes = []
+    for tensor in tensors:
+        key = tensor.untyped_storage()._cdata
+        if key not in seen and key not in params:
+            seen.add(key)
+            shapes.append(tuple(tensor.shape))
+    return shapes
+
+
+def _token_dims(full: list[tuple[int, ...]], probe, rows: int) -> list[int | None] | None:
+    """Per saved tensor, the dim whose leading product is the token rows; None when not separable."""
+    equal_or_declared, n, probe_rows, shapes = probe
+    if rows != probe_rows or len(shapes) != len(full):
+        return None
+    dims: list[int | None] = []
+    for shape_full, shape_probe in zip(full, shapes):
+        found = None
+        for d in range(len(shape_full)):
+            if (math.prod(shape_full[: d + 1]) == rows and d < len(shape_probe)
+                    and math.prod(shape_probe[: d + 1]) == n and shape_full[d + 1:] == shape_probe[d + 1:]):
+                found = d
+                break
+        if found is None:
+            return None
+        dims.append(found)
+    return dims
+
+
+def _param_bytes(model: nn.Module) -> tuple[int, int]:
+    seen: set[int] = set()
+    total = trainable = 0
+    for p in model.parameters():
+        key = p.untyped_storage()._cdata
+        if key in seen:
+            continue
+        seen.add(key)
+        nbytes = p.untyped_storage().nbytes()
+        total += nbytes
+        if p.requires_grad:
+            trainable += nbytes
+    return total, trainable
+
+
+def profile_model(model: nn.Module, sample, config: MemoptConfig | None = None,
+                  hardware: Hardware | None = None) -> TrainingGraph:
+    """Profile one training step of ``model`` on ``sample`` in safe mode.
+
+    Args:
+        model (nn.Module): the model, in the mode (train/eval) it will train in.
+        sample: one batch: a tensor, a tuple of positional inputs or a dict of keyword inputs.
+        config (MemoptConfig | None): options; defaults when None.
+        hardware (Hardware | None): figures for the planner; measured on the model's device when None.
+
+    Returns:
+        TrainingGraph: the measured step.
+    """
+    config = config or MemoptConfig()
+    if getattr(model, "_memopt_handle", None) is not None:
+        raise RuntimeError("memopt: this model is already optimized; call handle.remove() before profiling it again")
+    units = select_units(model, config.units)
+    names = [name for name, _ in units]
+    runtime = Runtime(model, units, [UnitPolicy("recompute")] * len(units))
+    device = runtime.device
+    if hardware is None:
+        hardware = Hardware.measure(str(device))
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = {p: p.grad for p in params}
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" and torch.cuda.is_initialized() else None
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    fixed_seen: set[int] = set()
+    meter = MemoryMeter()
+    recorder = _Recorder(meter, names, config, device)
+
+    def pack_outside(tensor):
+        key = tensor.untyped_storage()._cdata
+        if key not in runtime.param_storages and key not in fixed_seen:
+            fixed_seen.add(key)
+            recorder.fixed_bytes += tensor.untyped_storage().nbytes()
+        return tensor.detach()
+
+    recorder.runtime = runtime
+    runtime.recorder = recorder
+    runtime.install()
+    try:
+        with meter, torch.autograd.graph.saved_tensors_hooks(pack_outside, lambda t: t):
+            recorder.sync()
+            t0 = time.perf_counter()
+            output = run_model(model, sample)
+            loss = compute_loss(output, sample, config)
+            recorder.sync()
+            t_forward_end = time.perf_counter()
+            del output
+            loss.backward()
+            recorder.sync()
+            t_end = time.perf_counter()
+            recorder.close_backward(t_end)
+            del loss
+    finally:
+        runtime.remove()
+        runtime.close()
+        for p in params:
+            p.grad = grads[p]
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, device)
+
+    fixed, head_workspace, workspaces = recorder.workspaces()
+    graph_units = []
+    for name, (_, module), rec, (fwd_ws, bwd_ws, ckpt_ws) in zip(names, units, recorder.records, workspaces):
+        rows = rec.probe[2] if rec.probe else 0
+        dims = _token_dims(rec.shapes, rec.probe, rows) if rec.probe else None
+        separable = dims is not None and (rec.declared is True or (rec.declared is None and rec.probe[0]))
+        grad_bytes = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+        graph_units.append(Unit(
+            name=name,
+            forward_s=min(rec.forward_s) if rec.forward_s else 0.0,
+            backward_s=rec.backward_s,
+            input_bytes=rec.input_bytes,
+            output_bytes=rec.output_bytes,
+            tensor_bytes=rec.tensor_bytes,
+            token_dims=dims if separable else [None] * len(rec.tensor_bytes),
+            tokens=rows if separable else 0,
+            token_separable=separable,
+            forward_workspace_bytes=fwd_ws,
+            backward_workspace_bytes=bwd_ws,
+            checkpoint_workspace_bytes=ckpt_ws,
+            param_grad_bytes=grad_bytes,
+        ))
+    total_params, trainable = _param_bytes(model)
+    unit_forward = sum(r.forward_s[0] for r in recorder.records if r.forward_s)
+    unit_backward = sum(u.backward_s + r.recompute_s for u, r in zip(graph_units, recorder.records))
+    first_backward = recorder.first_backward_s or t_forward_end
+    return TrainingGraph(
+        units=graph_units,
+        hardware=hardware,
+        param_bytes=total_params,
+        grad_bytes=trainable,
+        optimizer_bytes=int(trainable * config.optimizer_states_per_param),
+        fixed_activation_bytes=fixed,
+        head_workspace_bytes=head_workspace,
+        other_forward_s=max(0.0, (t_forward_end - t0) - unit_forward),
+        other_backward_s=max(0.0, (t_end - t_forward_end) - unit_backward),
+        trace=meter.trace,
+        meta={"model": type(model).__name__, "profiled": "live", "device": str(device),
+              "sample": _describe(sample), "peak_activation_bytes_safe_mode": meter.peak_bytes,
+              "first_backward_s": first_backward - t0},
+    )
+
+
+def _describe(sample) -> str:
+    shapes = [f"{tuple(t.shape)}" for t in tree_leaves(sample) if isinstance(t, torch.Tensor)]
+    return ", ".join(shapes)

@@ -1,0 +1,163 @@
+"""``Runtime``: installs the per-unit frames on a model's modules and removes them without a trace."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+import weakref
+
+import torch
+from torch import nn
+
+from .engine import Frame, UnitPolicy, unpack
+from .store import HostStore
+
+__all__ = ["Runtime"]
+
+
+class Runtime:
+    """Applies one ``UnitPolicy`` per unit through ``saved_tensors_hooks`` around each unit's forward.
+
+    Only the modules' instance ``forward`` attribute is replaced (and restored by ``remove``): no
+    parameters, buffers or ``state_dict`` keys change.
+
+    Args:
+        model (nn.Module): the model.
+        units (list[tuple[str, nn.Module]]): the planning units, in forward order.
+        policies (list[UnitPolicy]): one per unit.
+        host_capacity_bytes (int): size of the host arena for swapped tensors.
+        lookahead (int, default 1): units whose swapped tensors are prefetched ahead in backward.
+        on_shape_change (str, default "recompute"): see ``MemoptConfig.on_shape_change``.
+        recorder (object | None): profiling callbacks (``before_forward``, ``after_forward``,
+            ``on_backward``, ``on_recompute``); None when training.
+    """
+
+    def __init__(self, model: nn.Module, units: list[tuple[str, nn.Module]], policies: list[UnitPolicy], *,
+                 host_capacity_bytes: int = 0, lookahead: int = 1, on_shape_change: str = "recompute",
+                 recorder=None) -> None:
+        if len(units) != len(policies):
+            raise ValueError(f"{len(units)} units but {len(policies)} policies")
+        self.model = model
+        self.units = units
+        self.unit_names = [name for name, _ in units]
+        self.policies = list(policies)
+        self.lookahead = lookahead
+        self.on_shape_change = on_shape_change
+        self.recorder = recorder
+        self.device = _model_device(model)
+        needs_store = any(p.mode == "swap" or (p.mode == "tokenwise" and p.swap_rows) for p in policies)
+        self.store = HostStore(self.device, host_capacity_bytes) if needs_store else None
+        self.param_storages: set[int] = set()
+        self.frames: dict[int, weakref.ref] = {}
+        self.recompute_count = 0
+        self.recompute_s = 0.0
+        self.forward_calls = 0
+        self.shape_fallbacks = 0
+        self._warned_shape = False
+        self._saved_forward: dict[int, object] = {}
+        self._root_hook = None
+
+    # -- install / remove ---------------------------------------------------------------------------
+    def install(self) -> None:
+        for index, (_, module) in enumerate(self.units):
+            self._saved_forward[index] = module.__dict__.get("forward", _MISSING)
+            module.forward = functools.partial(self._call, index, module.forward)
+        self._root_hook = self.model.register_forward_pre_hook(lambda *_: self.refresh_params())
+        self.refresh_params()
+
+    def remove(self) -> None:
+        for index, (_, module) in enumerate(self.units):
+            saved = self._saved_forward.pop(index, _MISSING)
+            if saved is _MISSING:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = saved
+        if self._root_hook is not None:
+            self._root_hook.remove()
+            self._root_hook = None
+        self.frames.clear()
+
+    def refresh_params(self) -> None:
+        """Remember which storages are parameters or buffers: those are never swapped or dropped."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        self.param_storages = {t.untyped_storage()._cdata for t in tensors}
+
+    # -- the wrapped forward ------------------------------------------------------------------------
+    def _call(self, index: int, forward, *args, **kwargs):
+        if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+            return forward(*args, **kwargs)
+        policy = self._policy_for(index, args, kwargs)
+        recorder = self.recorder
+        if policy.mode == "keep" and recorder is None:
+            return forward(*args, **kwargs)
+        self.forward_calls += 1
+        frame = Frame(self, index, policy, forward, args, kwargs)
+        self.frames[index] = weakref.ref(frame)
+        if recorder is not None:
+            recorder.before_forward(index, args, kwargs)
+        with torch.autograd.graph.saved_tensors_hooks(frame.pack, unpack):
+            out = forward(*args, **kwargs)
+        if recorder is not None:
+            recorder.after_forward(index, args, kwargs, out, forward)
+        return out
+
+    def _policy_for(self, index: int, args, kwargs) -> UnitPolicy:
+        policy = self.policies[index]
+        if policy.mode != "tokenwise":
+            return policy
+        x = args[0] if args else None
+        if (isinstance(x, torch.Tensor) and len(args) == 1 and not kwargs and x.dim() >= 2
+                and x.numel() // max(x.shape[-1], 1) == policy.rows):
+            return policy
+        if self.on_shape_change == "error":
+            raise ValueError(
+                f"memopt: unit {self.unit_names[index]!r} was planned for {policy.rows} token rows and got an "
+                "input of another shape; call handle.replan(sample) with a batch of the new shape, or set "
+                "MemoptConfig(on_shape_change='recompute') to recompute such units"
+            )
+        self.shape_fallbacks += 1
+        if not self._warned_shape:
+            self._warned_shape = True
+            warnings.warn(
+                f"memopt: a batch of another shape than the profiled one reached unit {self.unit_names[index]!r}; "
+                "its token-wise plan is replaced by full recompute (exact, slower). handle.replan(sample) "
+                "plans for the new shape", stacklevel=3)
+        return UnitPolicy("recompute")
+
+    # -- callbacks from frames ----------------------------------------------------------------------
+    def on_unit_backward(self, frame: Frame) -> None:
+        if self.store is not None:
+            for ahead in range(1, self.lookahead + 1):
+                ref = self.frames.get(frame.unit_index - ahead)
+                other = ref() if ref is not None else None
+                if other is not None:
+                    other.prefetch()
+        if self.recorder is not None:
+            self.recorder.on_backward(frame.unit_index)
+
+    def note_recompute(self, seconds: float) -> None:
+        self.recompute_count += 1
+        self.recompute_s += seconds
+
+    def stats(self) -> dict:
+        out = {"unit_forward_calls": self.forward_calls, "recomputes": self.recompute_count,
+               "recompute_s": self.recompute_s, "shape_fallbacks": self.shape_fallbacks}
+        if self.store is not None:
+            out.update(self.store.stats())
+        return out
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+
+_MISSING = object()
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
