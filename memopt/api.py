@@ -70,7 +70,7 @@ def plan(graph: TrainingGraph, budget: int | str | float, config: MemoptConfig |
     host_budget = config.host_budget if config.host_budget is not None else graph.hardware.host_bytes
     return solve(graph, budget_bytes, host_budget_bytes=host_budget, time_limit_s=config.time_limit_s,
                  mip_gap=config.mip_gap, row_multiple=config.row_multiple, allow_swap=config.allow_swap,
-                 allow_recompute=config.allow_recompute, budget_spec=budget)
+                 allow_recompute=config.allow_recompute, budget_spec=budget, lookahead=config.lookahead)
 
 
 def policy_for(decision: Decision) -> UnitPolicy:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -75,8 +76,13 @@ class _UnitRecord:
 class _Recorder:
     """Callbacks from the runtime during the profiled step; raw live-byte peaks per phase."""
 
-    def __init__(self, meter: MemoryMeter, names: list[str], config: MemoptConfig, device: torch.device) -> None:
+    def __init__(self, meter: MemoryMeter, names: list[str], config: MemoptConfig, device: torch.device,
+                 clock: Callable[[], float] | None = None) -> None:
         self.meter, self.names, self.config, self.device = meter, names, config, device
+        self.clock = clock or time.perf_counter
+        # A modelled clock (fake profile) advances only with the ops it costs, so the runtime's wall-clock
+        # recompute seconds are replaced by the clock's reading since the unit's backward began.
+        self.modelled_clock = clock is not None
         self.records = [_UnitRecord() for _ in names]
         self.seen_inputs: set[int] = set()
         self.runtime: Runtime | None = None
@@ -100,17 +106,18 @@ class _Recorder:
         for leaf in tree_leaves((args, kwargs)):
             if isinstance(leaf, torch.Tensor):
                 key = leaf.untyped_storage()._cdata
-                if key not in self.seen_inputs and key not in self.runtime.param_storages:
+                # Only what the step allocated: the batch (like the weights) outlives the step anyway.
+                if key not in self.seen_inputs and self.meter.tracks(leaf):
                     self.seen_inputs.add(key)
                     rec.input_bytes += leaf.untyped_storage().nbytes()
         self.sync()
         self.meter.reset_window()
-        self.forward_t0 = time.perf_counter()
+        self.forward_t0 = self.clock()
 
     def after_forward(self, index, args, kwargs, out, forward) -> None:
         self.sync()
         rec = self.records[index]
-        rec.forward_s.append(time.perf_counter() - self.forward_t0)
+        rec.forward_s.append(self.clock() - self.forward_t0)
         rec.forward_peak_live = self.meter.window_peak_bytes
         seen = set()
         rec.output_bytes = 0
@@ -159,7 +166,7 @@ class _Recorder:
 
     def on_backward(self, index: int) -> None:
         self.sync()
-        now = time.perf_counter()
+        now = self.clock()
         if self.current_backward is None:
             self.head_peak_live = self.meter.window_peak_bytes
             self.first_backward_s = now
@@ -171,6 +178,8 @@ class _Recorder:
 
     def on_recompute(self, index: int, captured: list[torch.Tensor], seconds: float) -> None:
         rec = self.records[index]
+        if self.modelled_clock:
+            seconds = self.clock() - rec.backward_start_s
         rec.recompute_s += seconds
         rec.forward_s.append(seconds)
         rec.recompute_peak_live = self.meter.window_peak_bytes
@@ -181,7 +190,9 @@ class _Recorder:
             if key in seen or key in self.runtime.param_storages:
                 continue
             seen.add(key)
-            rec.tensor_bytes.append(tensor.untyped_storage().nbytes())
+            # A saved tensor the step did not allocate (the batch) frees nothing when dropped: 0 bytes,
+            # but it keeps its place in pack order, which the runtime counts the same way.
+            rec.tensor_bytes.append(tensor.untyped_storage().nbytes() if self.meter.tracks(tensor) else 0)
             rec.shapes.append(tuple(tensor.shape))
 
     def close_backward(self, now: float) -> None:
@@ -261,7 +272,7 @@ def _param_bytes(model: nn.Module) -> tuple[int, int]:
 
 
 def profile_model(model: nn.Module, sample, config: MemoptConfig | None = None,
-                  hardware: Hardware | None = None) -> TrainingGraph:
+                  hardware: Hardware | None = None, clock: Callable[[], float] | None = None) -> TrainingGraph:
     """Profile one training step of ``model`` on ``sample`` in safe mode.
 
     Args:
@@ -269,6 +280,8 @@ def profile_model(model: nn.Module, sample, config: MemoptConfig | None = None,
         sample: one batch: a tensor, a tuple of positional inputs or a dict of keyword inputs.
         config (MemoptConfig | None): options; defaults when None.
         hardware (Hardware | None): figures for the planner; measured on the model's device when None.
+        clock (Callable[[], float] | None): seconds source for every time measured; None is
+            ``time.perf_counter``. The fake profile passes a roofline model's clock.
 
     Returns:
         TrainingGraph: the measured step.
@@ -291,11 +304,11 @@ def profile_model(model: nn.Module, sample, config: MemoptConfig | None = None,
         p.grad = torch.zeros_like(p)
     fixed_seen: set[int] = set()
     meter = MemoryMeter()
-    recorder = _Recorder(meter, names, config, device)
+    recorder = _Recorder(meter, names, config, device, clock)
 
     def pack_outside(tensor):
         key = tensor.untyped_storage()._cdata
-        if key not in runtime.param_storages and key not in fixed_seen:
+        if key not in fixed_seen and meter.tracks(tensor):
             fixed_seen.add(key)
             recorder.fixed_bytes += tensor.untyped_storage().nbytes()
         return tensor.detach()
@@ -306,15 +319,15 @@ def profile_model(model: nn.Module, sample, config: MemoptConfig | None = None,
     try:
         with meter, torch.autograd.graph.saved_tensors_hooks(pack_outside, lambda t: t):
             recorder.sync()
-            t0 = time.perf_counter()
+            t0 = recorder.clock()
             output = run_model(model, sample)
             loss = compute_loss(output, sample, config)
             recorder.sync()
-            t_forward_end = time.perf_counter()
+            t_forward_end = recorder.clock()
             del output
             loss.backward()
             recorder.sync()
-            t_end = time.perf_counter()
+            t_end = recorder.clock()
             recorder.close_backward(t_end)
             del loss
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["HF_FAMILIES", "TinyConvNet", "TinyMLP", "hf_causal_lm", "hf_sample"]
+__all__ = ["HF_FAMILIES", "TinyConvNet", "TinyGPT", "TinyMLP", "hf_causal_lm", "hf_sample", "max_difference", "snapshot", "train"]
 
 
 class TinyMLP(nn.Module):
@@ -44,6 +44,44 @@ class TinyConvNet(nn.Module):
             x = x + layer(x)
         logits = self.head(x.mean(dim=(2, 3)))
         return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+class _GPTBlock(nn.Module):
+    def __init__(self, hidden: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
+        self.qkv, self.out = nn.Linear(hidden, 3 * hidden), nn.Linear(hidden, hidden)
+        self.mlp = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Linear(4 * hidden, hidden))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, hidden = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(batch, tokens, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        attn = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.dropout(self.out(attn.transpose(1, 2).reshape(batch, tokens, hidden)))
+        return x + self.dropout(self.mlp(self.norm2(x)))
+
+
+class TinyGPT(nn.Module):
+    """A small decoder-only transformer in plain torch (no transformers needed); returns the LM loss."""
+
+    def __init__(self, vocab: int = 1024, hidden: int = 256, layers: int = 8, heads: int = 4,
+                 max_tokens: int = 2048, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.position = nn.Embedding(max_tokens, hidden)
+        self.layers = nn.ModuleList(_GPTBlock(hidden, heads, dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(hidden)
+        self.head = nn.Linear(hidden, vocab, bias=False)
+        self.head.weight = self.embed.weight  # tied, as in GPT-2
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids) + self.position(torch.arange(ids.shape[1], device=ids.device))
+        for layer in self.layers:
+            x = layer(x)
+        logits = self.head(self.norm(x))
+        return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
 
 
 # family -> (config class name, keyword arguments); tiny, but every structural feature present.
@@ -86,3 +124,29 @@ def hf_sample(vocab_size: int = 256, batch: int = 2, seq: int = 64, seed: int = 
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (batch, seq), generator=generator)
     return {"input_ids": ids, "labels": ids.clone()}
+
+
+def train(model: nn.Module, batches: list, config=None, lr: float = 0.05) -> list[torch.Tensor]:
+    """SGD with momentum over ``batches`` (one step each); returns ``snapshot(model)`` after the last."""
+    from .config import MemoptConfig
+    from .profiler import compute_loss, run_model
+
+    config = config or MemoptConfig()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    for batch in batches:
+        opt.zero_grad()
+        compute_loss(run_model(model, batch), batch, config).backward()
+        opt.step()
+    return snapshot(model)
+
+
+def snapshot(model: nn.Module) -> list[torch.Tensor]:
+    """Copies of every parameter and buffer: all that a training step can change."""
+    return [t.detach().clone() for t in (*model.parameters(), *model.buffers())]
+
+
+def max_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Largest absolute elementwise difference between two snapshots."""
+    if len(a) != len(b):
+        raise ValueError(f"snapshots differ in length: {len(a)} vs {len(b)}")
+    return max(((x.double() - y.double()).abs().max().item() if x.numel() else 0.0) for x, y in zip(a, b))

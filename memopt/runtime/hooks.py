@@ -127,7 +127,10 @@ class Runtime:
     # -- callbacks from frames ----------------------------------------------------------------------
     def on_unit_backward(self, frame: Frame) -> None:
         if self.store is not None:
-            for ahead in range(1, self.lookahead + 1):
+            # The unit's own swapped tensors come back together as its backward starts (a no-op when a
+            # prefetch already brought them); later units' copies start now only where they overlap.
+            frame.prefetch()
+            for ahead in range(1, (self.lookahead if self.store.cuda else 0) + 1):
                 ref = self.frames.get(frame.unit_index - ahead)
                 other = ref() if ref is not None else None
                 if other is not None:

@@ -75,8 +75,11 @@ class HostStore:
         return entry
 
     def prefetch(self, entry: HostEntry) -> None:
-        """Start copying an entry back to the device on the H2D stream (no-op on CPU)."""
-        if not self.cuda or entry.device_copy is not None:
+        """Start copying an entry back to the device (on the H2D stream on CUDA; at once on CPU)."""
+        if entry.device_copy is not None:
+            return
+        if not self.cuda:
+            entry.device_copy = entry.host.clone()
             return
         with torch.cuda.stream(self.h2d_stream):
             self.h2d_stream.wait_event(entry.d2h_event)
@@ -88,7 +91,9 @@ class HostStore:
     def fetch(self, entry: HostEntry) -> torch.Tensor:
         """The entry's data on the device, ready on the current stream."""
         if not self.cuda:
-            return entry.host.clone()
+            self.prefetch(entry)
+            out, entry.device_copy = entry.device_copy, None
+            return out
         self.prefetch(entry)
         current = torch.cuda.current_stream(entry.device)
         current.wait_event(entry.h2d_event)

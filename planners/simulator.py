@@ -1,0 +1,278 @@
+"""Replay a plan on a ``TrainingGraph``: exact byte accounting and a three-stream timeline.
+
+The simulator is the ground truth of the planner package. The MIP models exactly the memory and time
+rules written here, baselines are compared through it, and every ``Plan`` carries its figures.
+
+Memory. ``base`` (model states) and ``fixed`` (activations saved outside every unit) are held the whole
+step. For unit u with realised fractions (k, s, r) of its saved bytes ``S`` and input bytes ``I``:
+
+- ``held = k*S + r*I`` stays on the device from the end of u's forward until u's backward ends;
+- ``swapped = s*S`` is copied to host memory;
+- ``eff = 0`` when ``r == 1`` (a whole-unit checkpoint frees its intermediates during forward), else ``S``.
+
+Forward of u holds ``base + fixed + sum(held[v<u]) + inflight + eff[u] + forward workspace`` (the
+checkpoint workspace instead of ``eff + forward workspace`` for a whole-unit recompute), where
+``inflight`` is the previous unit's swap still being copied (asynchronous copies only). The turnaround
+holds every ``held``, the last unit's swap (asynchronous) and the head workspace. Backward of u holds
+``base + fixed + sum(held[v<u]) + S[u] + backward workspace + prefetch`` (plus the largest saved tensor
+while a token-wise split rebuilds its tensors from rows), where ``prefetch`` is the swap
+of the ``lookahead`` units before u being copied back.
+
+Time. With asynchronous copies there are three streams. Compute runs the forwards, the head
+(``other_forward_s + other_backward_s``), then the backwards from the last unit down, each taking
+``r*forward_s + backward_s``. The D2H copy of u starts when u's forward ends and must be done by the end
+of the next unit's forward (by the head for the last unit), or compute waits. The H2D copy of u starts
+when the backward of unit ``u + lookahead`` starts (when backward starts, for the last units), after its
+own D2H and the previous H2D; u's backward waits for it. Without asynchronous copies (CPU) each copy is
+a synchronous memcpy on the compute stream and nothing is in flight.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from memopt.graph import Decision, TrainingGraph, Unit
+
+__all__ = ["CATEGORIES", "SimResult", "UnitAmounts", "assembly_bytes", "simulate", "simulate_amounts", "unit_amounts"]
+
+#: Memory categories of a timeline point, in stacking order for a plot.
+CATEGORIES = ("model states", "fixed", "kept", "recompute input", "swap in flight", "unit working set", "workspace")
+
+_FULL = 1.0 - 1e-9
+
+
+@dataclass(frozen=True)
+class UnitAmounts:
+    """What a realised decision means in bytes and seconds for one unit.
+
+    Args:
+        kept_bytes (float): saved bytes left on the device, bytes.
+        swapped_bytes (float): saved bytes copied to host memory, bytes.
+        recompute (float): fraction of the unit recomputed in backward, in [0, 1].
+        row_assembly (bool, default False): a token-wise split whose saved tensors are put back together
+            from kept, swapped and recomputed rows in backward (one tensor's parts and whole coexist).
+    """
+
+    kept_bytes: float
+    swapped_bytes: float
+    recompute: float
+    row_assembly: bool = False
+
+    @property
+    def full_recompute(self) -> bool:
+        return self.recompute >= _FULL
+
+
+@dataclass
+class SimResult:
+    """What the simulator found for one plan.
+
+    Args:
+        peak_bytes (int): peak device bytes over the step, model states included.
+        step_s (float): end of the last backward, seconds.
+        host_peak_bytes (int): host bytes holding swapped activations, bytes.
+        recompute_s (float): compute seconds spent recomputing, seconds.
+        stall_s (float): compute seconds spent waiting for (or doing, without async copies) copies, seconds.
+        peak_phase (str): label of the first phase at the peak, e.g. ``"backward layers.3"``.
+        timeline (list[tuple[float, str, dict[str, int]]]): one point per phase: start time (seconds),
+            phase label and bytes by category (``CATEGORIES``); the categories sum to that phase's bytes.
+    """
+
+    peak_bytes: int
+    step_s: float
+    host_peak_bytes: int
+    recompute_s: float
+    stall_s: float
+    peak_phase: str
+    timeline: list[tuple[float, str, dict[str, int]]] = field(default_factory=list)
+
+
+def unit_amounts(unit: Unit, decision: Decision) -> UnitAmounts:
+    """Bytes kept and swapped and the recomputed fraction that a decision means for its unit.
+
+    Token-wise decisions count rows; others count whole saved tensors when ``swap_tensors`` names them,
+    else the byte fractions as given.
+
+    Args:
+        unit (Unit): the unit.
+        decision (Decision): its decision (normally from ``realize``).
+
+    Raises:
+        ValueError: the decision names another unit or a saved tensor the unit does not have.
+    """
+    if decision.unit != unit.name:
+        raise ValueError(f"decision for {decision.unit!r} given for unit {unit.name!r}; pass decisions in unit order")
+    saved = unit.saved_bytes
+    if decision.token_wise:
+        if unit.tokens <= 0 or decision.keep_rows + decision.swap_rows > unit.tokens:
+            raise ValueError(
+                f"decision for {unit.name!r} keeps {decision.keep_rows} and swaps {decision.swap_rows} rows but the"
+                f" unit has {unit.tokens}; realise it with planners.realize"
+            )
+        keep = decision.keep_rows / unit.tokens
+        swap = decision.swap_rows / unit.tokens
+        recompute_rows = unit.tokens - decision.keep_rows - decision.swap_rows
+        split = sum(rows > 0 for rows in (decision.keep_rows, decision.swap_rows, recompute_rows)) >= 2
+        return UnitAmounts(keep * saved, swap * saved, max(0.0, 1.0 - keep - swap), row_assembly=split)
+    if decision.recompute >= _FULL:
+        return UnitAmounts(0.0, 0.0, 1.0)
+    if decision.swap_tensors:
+        bad = [i for i in decision.swap_tensors if not 0 <= i < len(unit.tensor_bytes)]
+        if bad:
+            raise ValueError(f"decision for {unit.name!r} swaps tensors {bad}, but the unit saves "
+                             f"{len(unit.tensor_bytes)}; indices are pack-order positions")
+        swapped = float(sum(unit.tensor_bytes[i] for i in set(decision.swap_tensors)))
+        return UnitAmounts(saved - swapped, swapped, 0.0)
+    return UnitAmounts(decision.keep * saved, decision.swap * saved, decision.recompute)
+
+
+def assembly_bytes(unit: Unit) -> int:
+    """Backward bytes beyond the saved set while a token-wise unit rebuilds its largest tensor from rows."""
+    return max(unit.tensor_bytes, default=0)
+
+
+def simulate(graph: TrainingGraph, decisions: Sequence[Decision], *, lookahead: int = 1) -> SimResult:
+    """Replay decisions on a graph and return its peak memory, step time and memory timeline.
+
+    Args:
+        graph (TrainingGraph): the step.
+        decisions (Sequence[Decision]): one per unit, in the graph's unit order.
+        lookahead (int, default 1): how many units ahead backward prefetches swapped activations.
+
+    Returns:
+        SimResult: peak bytes, step seconds, host bytes, recompute and stall seconds, timeline.
+
+    Raises:
+        ValueError: the decisions do not match the units one to one, or lookahead < 1.
+
+    Example:
+        >>> from memopt.planners.synthetic import random_graph
+        >>> from memopt.graph import Decision
+        >>> g = random_graph(4, seed=0)
+        >>> keep_all = simulate(g, [Decision(u.name) for u in g.units])
+        >>> keep_all.stall_s
+        0.0
+    """
+    if len(decisions) != len(graph.units):
+        raise ValueError(f"got {len(decisions)} decisions for {len(graph.units)} units; give one per unit in order")
+    amounts = [unit_amounts(u, d) for u, d in zip(graph.units, decisions)]
+    return simulate_amounts(graph, amounts, lookahead=lookahead)
+
+
+def simulate_amounts(graph: TrainingGraph, amounts: Sequence[UnitAmounts], *, lookahead: int = 1,
+                     timeline: bool = True) -> SimResult:
+    """``simulate`` on per-unit byte amounts: the fast path planners use to try many decisions.
+
+    Args:
+        graph (TrainingGraph): the step.
+        amounts (Sequence[UnitAmounts]): one per unit, in order.
+        lookahead (int, default 1): prefetch distance in units.
+        timeline (bool, default True): build the per-phase timeline (skip it when only figures matter).
+    """
+    if not isinstance(lookahead, int) or lookahead < 1:
+        raise ValueError(f"lookahead must be an int >= 1, got {lookahead!r}; 1 prefetches the next unit")
+    units = graph.units
+    n = len(units)
+    hw = graph.hardware
+    is_async = hw.async_copies
+    base = graph.model_state_bytes
+    fixed = graph.fixed_activation_bytes
+    swapped = [a.swapped_bytes for a in amounts]
+    d2h_s = [b / hw.d2h_bytes_per_s for b in swapped]
+    h2d_s = [b / hw.h2d_bytes_per_s for b in swapped]
+
+    # Memory: one point per phase, each split by category so a plot can stack them.
+    points: list[tuple[str, dict[str, float]]] = []
+    kept_sum = 0.0  # kept bytes of units before u
+    input_sum = 0.0  # recompute-input bytes of units before u
+    for u, (unit, a) in enumerate(zip(units, amounts)):
+        points.append((f"forward {unit.name}", {
+            "kept": kept_sum, "recompute input": input_sum,
+            "swap in flight": swapped[u - 1] if is_async and u > 0 else 0.0,
+            "unit working set": 0.0 if a.full_recompute else float(unit.saved_bytes),
+            "workspace": float(unit.checkpoint_workspace_bytes if a.full_recompute else unit.forward_workspace_bytes),
+        }))
+        kept_sum += a.kept_bytes
+        input_sum += a.recompute * unit.input_bytes
+    points.append(("head", {
+        "kept": kept_sum, "recompute input": input_sum,
+        "swap in flight": swapped[n - 1] if is_async and n else 0.0,
+        "unit working set": 0.0, "workspace": float(graph.head_workspace_bytes),
+    }))
+    for u in range(n - 1, -1, -1):
+        unit, a = units[u], amounts[u]
+        kept_sum -= a.kept_bytes
+        input_sum -= a.recompute * unit.input_bytes
+        prefetch = sum(swapped[max(0, u - lookahead):u]) if is_async else 0.0
+        points.append((f"backward {unit.name}", {
+            "kept": kept_sum, "recompute input": input_sum, "swap in flight": prefetch,
+            "unit working set": float(unit.saved_bytes),
+            "workspace": float(unit.backward_workspace_bytes) + (assembly_bytes(unit) if a.row_assembly else 0.0),
+        }))
+    peak, peak_phase = -1.0, ""
+    for label, cats in points:
+        cats["model states"] = float(base)
+        cats["fixed"] = float(fixed)
+        total = sum(cats.values())
+        if total > peak + 1e-6:
+            peak, peak_phase = total, label
+
+    # Time.
+    head_s = graph.other_forward_s + graph.other_backward_s
+    starts: list[float] = []
+    stall = 0.0
+    recompute_s = sum(a.recompute * u.forward_s for u, a in zip(units, amounts))
+    if is_async:
+        d2h_end = [0.0] * n
+        clock = 0.0
+        for u, unit in enumerate(units):
+            starts.append(clock)
+            compute_end = clock + unit.forward_s
+            end = max(compute_end, d2h_end[u - 1]) if u else compute_end
+            stall += end - compute_end
+            d2h_end[u] = max(end, d2h_end[u - 1] if u else 0.0) + d2h_s[u]
+            clock = end
+        head_start = max(clock, d2h_end[n - 1]) if n else clock
+        stall += head_start - clock
+        starts.append(head_start)
+        backward_start_s = head_start + head_s
+        block_start = [0.0] * n
+        h2d_end_prev = 0.0
+        clock = backward_start_s
+        for u in range(n - 1, -1, -1):
+            gate = block_start[u + lookahead] if u + lookahead < n else backward_start_s
+            h2d_end_prev = max(gate, d2h_end[u], h2d_end_prev) + h2d_s[u]
+            start = max(clock, h2d_end_prev)
+            stall += start - clock
+            block_start[u] = start
+            starts.append(start)
+            clock = start + amounts[u].recompute * units[u].forward_s + units[u].backward_s
+        step_s = clock
+    else:
+        clock = 0.0
+        for u, unit in enumerate(units):
+            starts.append(clock)
+            clock += unit.forward_s + d2h_s[u]
+        starts.append(clock)
+        clock += head_s
+        for u in range(n - 1, -1, -1):
+            starts.append(clock)
+            clock += h2d_s[u] + amounts[u].recompute * units[u].forward_s + units[u].backward_s
+        stall = sum(d2h_s) + sum(h2d_s)
+        step_s = clock
+
+    points_out = []
+    if timeline:
+        for start, (label, cats) in zip(starts, points):
+            points_out.append((start, label, {c: int(round(cats[c])) for c in CATEGORIES}))
+    return SimResult(
+        peak_bytes=int(math.ceil(peak - 1e-6)),
+        step_s=step_s,
+        host_peak_bytes=int(math.ceil(sum(swapped) - 1e-6)),
+        recompute_s=recompute_s,
+        stall_s=stall,
+        peak_phase=peak_phase,
+        timeline=points_out,
+    )

@@ -1,0 +1,224 @@
+"""The public API under misuse and unusual models: clear errors, exact gradients, clean removal."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import memopt
+from memopt.testing import TinyMLP, hf_causal_lm, hf_sample, max_difference, snapshot, train
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return TinyMLP(depth=6)
+
+
+def _x(seed: int = 0, rows: int = 256):
+    return torch.randn(2, rows, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def test_import_is_light_and_leaves_cuda_alone():
+    code = ("import sys, memopt, torch; "
+            "heavy = [m for m in ('pulp', 'transformers', 'deepspeed', 'bitsandbytes', 'peft') if m in sys.modules]; "
+            "assert not heavy, heavy; assert not torch.cuda.is_initialized(); "
+            "memopt.MemoptConfig(); memopt.Plan; assert 'pulp' not in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_budget_error_names_smallest_feasible_budget_which_then_works():
+    model, x = _mlp(), _x()
+    graph = memopt.profile(model, x)
+    with pytest.raises(memopt.BudgetError) as info:
+        memopt.plan(graph, graph.model_state_bytes)
+    error = info.value
+    assert error.min_feasible_bytes > graph.model_state_bytes
+    assert str(error.min_feasible_bytes) in str(error) and error.dominated_by
+    plan = memopt.plan(graph, error.min_feasible_bytes)
+    assert plan.predicted_peak_bytes <= error.min_feasible_bytes
+
+
+def test_budget_error_when_model_states_alone_exceed_budget():
+    model, x = _mlp(), _x()
+    graph = memopt.profile(model, x)
+    with pytest.raises(memopt.BudgetError, match="model states"):
+        memopt.plan(graph, graph.model_state_bytes // 2)
+
+
+@pytest.mark.parametrize("budget, message", [
+    (-5, "positive"), (0, "positive"), ("twelve gigs", "byte count"), (1.5, r"\(0, 1\]"), (0.0, r"\(0, 1\]"),
+    ([1], "int or a string"),
+])
+def test_bad_budgets_are_rejected_with_the_value(budget, message):
+    model = _mlp()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        memopt.optimize(model, _x(), budget)
+    assert not hasattr(model, "_memopt_handle") and "forward" not in model.blocks[0].__dict__
+    assert max_difference(before, snapshot(model)) == 0.0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"units": "blocks.*"}, "list of module paths"), ({"units": []}, "empty"), ({"row_multiple": 0}, "row_multiple"),
+    ({"mip_gap": 2}, "mip_gap"), ({"on_shape_change": "pray"}, "on_shape_change"),
+    ({"allow_swap": False, "allow_recompute": False}, "nothing could save"), ({"host_budget": "lots"}, "host_budget"),
+])
+def test_bad_config_values_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        memopt.MemoptConfig(**kwargs)
+
+
+def test_unknown_or_nested_unit_patterns_are_rejected():
+    with pytest.raises(ValueError, match="matches no module"):
+        memopt.profile(_mlp(), _x(), memopt.MemoptConfig(units=["decoder.*"]))
+    with pytest.raises(ValueError, match="must not nest"):
+        memopt.profile(_mlp(), _x(), memopt.MemoptConfig(units=["blocks.0", "blocks.0.1"]))
+
+
+def test_nested_optimize_is_a_clear_error_and_remove_restores_everything():
+    model = _mlp()
+    keys_before = {k: v.clone() for k, v in model.state_dict().items()}
+    handle = memopt.optimize(model, _x(), 0.5)
+    with pytest.raises(RuntimeError, match="already optimized"):
+        memopt.optimize(model, _x(), 0.5)
+    assert any("forward" in block.__dict__ for block in model.blocks)
+    handle.remove()
+    handle.remove()  # idempotent
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+    assert not hasattr(model, "_memopt_handle")
+    after = model.state_dict()
+    assert list(after) == list(keys_before)
+    assert all(torch.equal(after[k], v) for k, v in keys_before.items())
+    memopt.optimize(model, _x(), 0.5).remove()  # can be optimized again after removal
+
+
+def test_other_batch_shape_falls_back_to_exact_recompute_and_replan_adapts():
+    model = _mlp()
+    handle = memopt.optimize(model, _x(), 0.5, memopt.MemoptConfig(allow_swap=False))
+    assert any(d.token_wise and 0 < d.keep_rows < d.rows for d in handle.plan.decisions), handle.plan.summary()
+    other = [_x(seed, rows=192) for seed in range(2)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = train(model, other)
+    assert any("another shape" in str(w.message) for w in caught)
+    assert handle.stats()["shape_fallbacks"] > 0
+    handle.replan(other[0])
+    assert all(d.rows in (0, 2 * 192) for d in handle.plan.decisions)
+    handle.remove()
+    assert max_difference(train(_mlp(), other), got) == 0.0
+
+
+def test_shape_change_can_be_an_error():
+    model = _mlp()
+    handle = memopt.optimize(model, _x(), 0.5, memopt.MemoptConfig(allow_swap=False, on_shape_change="error"))
+    with pytest.raises(ValueError, match="replan"):
+        model(_x(rows=192)).backward()
+    handle.remove()
+
+
+class _TupleBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(32, 32)
+
+    def forward(self, x, scale=1.0):
+        y = torch.tanh(self.proj(x)) * scale
+        return x + y, {"aux": y.square().mean()}
+
+
+class _TupleModel(nn.Module):
+    """Blocks that return (tensor, dict) and take keyword arguments; the model returns a tuple."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(_TupleBlock() for _ in range(8))
+
+    def forward(self, x):
+        aux = 0.0
+        for block in self.blocks:
+            x, extra = block(x, scale=0.5)
+            aux = aux + extra["aux"]
+        return x, aux
+
+
+class _TiedModel(nn.Module):
+    """An embedding whose weight the output layer shares (tied weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 32)
+        self.layers = nn.ModuleList(nn.Sequential(nn.LayerNorm(32), nn.Linear(32, 32), nn.ReLU()) for _ in range(8))
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = x + layer(x)
+        return {"logits": x @ self.embed.weight.t()}
+
+
+@pytest.mark.parametrize("factory, sample, loss_fn", [
+    (_TupleModel, lambda: torch.randn(4, 16, 32), lambda out, sample: out[0].square().mean() + out[1]),
+    (_TiedModel, lambda: torch.randint(0, 50, (2, 64)),
+     lambda out, ids: nn.functional.cross_entropy(out["logits"].flatten(0, 1), ids.flatten())),
+])
+@pytest.mark.parametrize("budget", [0.7, 0.4])
+def test_tuple_dict_outputs_and_tied_weights(factory, sample, loss_fn, budget):
+    torch.manual_seed(3)
+    batches = [sample() for _ in range(3)]
+    config = memopt.MemoptConfig(loss_fn=loss_fn)
+    torch.manual_seed(0)
+    ref = train(factory(), batches, config)
+    torch.manual_seed(0)
+    model = factory()
+    handle = memopt.optimize(model, batches[0], budget, config)
+    got = train(model, batches, config)
+    handle.remove()
+    assert max_difference(ref, got) == 0.0
+
+
+def test_missing_loss_is_a_clear_error():
+    model = _TupleModel()
+    with pytest.raises(ValueError, match="loss_fn"):
+        memopt.optimize(model, torch.randn(4, 16, 32), 0.5)
+    assert "forward" not in model.blocks[0].__dict__
+
+
+def test_handle_report_and_stats_after_training():
+    model = hf_causal_lm("llama", num_hidden_layers=4)
+    handle = memopt.optimize(model, hf_sample(seq=128), 0.5)
+    train(model, [hf_sample(seq=128, seed=1)])
+    report, stats = handle.report(), handle.stats()
+    assert "predicted peak" in report and "model.layers.0" in report
+    assert stats["unit_forward_calls"] >= 1
+    assert repr(handle).startswith("<memopt.Handle active")
+    handle.remove()
+    with pytest.raises(RuntimeError, match="removed"):
+        handle.stats()
+
+
+def test_plan_json_round_trip_and_apply_from_saved_plan():
+    model = _mlp()
+    graph = memopt.profile(model, _x())
+    plan = memopt.plan(graph, 0.5)
+    again = memopt.Plan.from_json(plan.to_json())
+    assert again == plan
+    assert memopt.TrainingGraph.from_json(graph.to_json()) == graph
+    handle = memopt.apply(model, again)
+    got = train(model, [_x(1), _x(2)])
+    handle.remove()
+    assert max_difference(train(_mlp(), [_x(1), _x(2)]), got) == 0.0
+
+
+def test_plan_for_another_model_is_rejected():
+    plan = memopt.plan(memopt.profile(_mlp(), _x()), 0.5)
+    other = hf_causal_lm("llama", num_hidden_layers=2)
+    with pytest.raises(ValueError, match="units"):
+        memopt.apply(other, plan)
+    assert not hasattr(other, "_memopt_handle")
