@@ -47,6 +47,7 @@ class HostStore:
         self.d2h_stream = torch.cuda.Stream(device) if self.cuda else None
         self.h2d_stream = torch.cuda.Stream(device) if self.cuda else None
         self.put_bytes = 0
+        self.fetched_bytes = 0
         self.refused_bytes = 0
 
     def put(self, tensor: torch.Tensor) -> HostEntry | None:
@@ -78,6 +79,7 @@ class HostStore:
         """Start copying an entry back to the device (on the H2D stream on CUDA; at once on CPU)."""
         if entry.device_copy is not None:
             return
+        self.fetched_bytes += entry.host.numel() * entry.host.element_size()
         if not self.cuda:
             entry.device_copy = entry.host.clone()
             return
@@ -117,7 +119,8 @@ class HostStore:
     def stats(self) -> dict:
         stats = self.arena.stats()
         return {"host_peak_bytes": stats.peak_bytes, "host_live_bytes": stats.allocated_bytes,
-                "swapped_bytes_total": self.put_bytes, "refused_bytes": self.refused_bytes}
+                "swapped_bytes_total": self.put_bytes, "fetched_bytes_total": self.fetched_bytes,
+                "refused_bytes": self.refused_bytes, "host_pinned": bool(self.cuda)}
 
     def close(self) -> None:
         self.arena.close()
