@@ -1,0 +1,305 @@
+"""The ``memopt`` command: ``plan`` a model for a GPU offline, re-render a saved ``report``, run the ``demo``.
+
+``memopt plan llama-7b --seq 4096 --batch 1 --budget 40GiB --gpu h100`` traces the model with fake
+tensors (no weights, no GPU), times it with a roofline model of the GPU, solves the plan and prints
+the memory breakdown, the plan per unit and how it compares with keeping or recomputing everything.
+Every printed plan is replayed by the simulator first. User errors print one line and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from typing import Any
+
+from .errors import BudgetError, MemoptError
+from .hardware import Hardware
+from .units import format_bytes, parse_bytes
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(MemoptError):
+    """A request the CLI cannot carry out; its message is the one line the user sees."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) and exit code 2."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Progress:
+    """Status lines on stderr: rewritten in place on a terminal, one per stage otherwise."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.started = time.perf_counter()
+        self.stage = ""
+
+    def __call__(self, message: str) -> None:
+        if not self.enabled:
+            return
+        line = f"[{time.perf_counter() - self.started:6.1f} s] {message}"
+        if self.tty:
+            sys.stderr.write("\r\033[K" + line)
+            sys.stderr.flush()
+            return
+        stage = message.split(":")[0]
+        if stage != self.stage:
+            self.stage = stage
+            sys.stderr.write(line + "\n")
+
+    def done(self) -> None:
+        if self.tty:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+def _budget(text: str) -> str:
+    try:
+        parse_bytes(text, what="--budget")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _gpu(text: str) -> Hardware:
+    try:
+        return Hardware.preset(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .fake_profile import OPTIMIZER_STATES, preset_names
+
+    parser = _Parser(prog="memopt", description="Plan activation memory (keep / swap / recompute) for training.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    plan = sub.add_parser(
+        "plan", help="plan a model for a GPU, offline (fake tensors + roofline model)",
+        description="Trace MODEL with fake tensors, model its step on a GPU and plan which activations to keep, "
+                    "swap to host memory or recompute so the step fits the budget.",
+        epilog=f"model presets: {', '.join(preset_names())}. GPU presets: {', '.join(Hardware.preset_names())}.",
+    )
+    plan.add_argument("model", help="a preset name or a Hugging Face config.json (or a folder holding one)")
+    plan.add_argument("--seq", type=int, required=True, help="tokens per sequence")
+    plan.add_argument("--batch", type=int, default=1, help="sequences per step on one GPU (default 1)")
+    plan.add_argument("--budget", type=_budget, default=None,
+                      help="whole-step device memory, model states included, e.g. 40GiB; default: the GPU's memory "
+                           "(then the fastest plan that fits the GPU)")
+    plan.add_argument("--gpu", type=_gpu, default=Hardware.preset("h100"), help="GPU preset (default h100)")
+    plan.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="training dtype (default bf16)")
+    plan.add_argument("--optimizer", choices=list(OPTIMIZER_STATES), default="adamw", help="optimizer (default adamw)")
+    plan.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=0, help="ZeRO stage (default 0)")
+    plan.add_argument("--world-size", type=int, default=1, help="GPUs ZeRO shards over (default 1)")
+    custom = plan.add_argument_group("custom GPU figures (override the preset's)")
+    custom.add_argument("--gpu-memory", type=_size, help="device memory, e.g. 48GiB")
+    custom.add_argument("--host-memory", type=_size, help="host memory for swapped activations, e.g. 256GiB")
+    custom.add_argument("--tflops", type=_positive, help="dense matmul TFLOP/s at the training dtype")
+    custom.add_argument("--hbm-tbps", type=_positive, help="device memory bandwidth, TB/s")
+    custom.add_argument("--pcie-gbps", type=_positive, help="pinned host<->device copy bandwidth, GB/s")
+    plan.add_argument("--time-limit", type=_positive, default=10.0, help="solver time limit, seconds (default 10)")
+    plan.add_argument("--json", metavar="FILE", help="save the plan report as JSON (re-render with memopt report)")
+    plan.add_argument("--html", metavar="FILE", help="write a self-contained HTML report with a memory plot")
+    plan.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    plan.set_defaults(run=_cmd_plan)
+
+    report = sub.add_parser("report", help="re-render a plan saved with memopt plan --json",
+                            description="Print a saved plan report again, re-checked by the simulator.")
+    report.add_argument("path", help="plan JSON written by memopt plan --json")
+    report.add_argument("--html", metavar="FILE", help="write the HTML report")
+    report.set_defaults(run=_cmd_report)
+    sub.add_parser("demo", help="run the whole pipeline on a small built-in model (memopt demo --help)", add_help=False)
+    return parser
+
+
+def _hardware(args: argparse.Namespace) -> Hardware:
+    changes: dict[str, Any] = {}
+    if args.gpu_memory:
+        changes["device_bytes"] = args.gpu_memory
+    if args.host_memory:
+        changes["host_bytes"] = args.host_memory
+    if args.tflops:
+        changes["peak_flops_per_s"] = args.tflops * 1e12
+    if args.hbm_tbps:
+        changes["mem_bytes_per_s"] = args.hbm_tbps * 1e12
+    if args.pcie_gbps:
+        changes["h2d_bytes_per_s"] = changes["d2h_bytes_per_s"] = args.pcie_gbps * 1e9
+    if not changes:
+        return args.gpu
+    return dataclasses.replace(args.gpu, name=f"{args.gpu.name} (custom)", **changes)
+
+
+def _zero_options(n_params: int, setup, activation_floor_bytes: int, budget_bytes: int) -> list[tuple[int, int, int]]:
+    """(GPUs, ZeRO stage, bytes) of the smallest world size per stage whose states and activations fit."""
+    from .fake_profile import model_states
+
+    found = []
+    for stage in (3, 2, 1):
+        world = 2
+        while world <= 4096:
+            trial = dataclasses.replace(setup, zero_stage=stage, world_size=world)
+            need = model_states(n_params, trial).total_bytes + activation_floor_bytes
+            if need <= budget_bytes:
+                found.append((world, stage, need))
+                break
+            world *= 2
+    return sorted(found)
+
+
+def _budget_message(graph, setup, exc: BudgetError, budget_bytes: int, budget_text: str) -> str:
+    states = graph.model_state_bytes
+    floor = max(0, exc.min_feasible_bytes - states)
+    shards = f"ZeRO-{setup.zero_stage} over {setup.world_size} GPUs" if setup.zero_stage else "no ZeRO sharding"
+    if exc.dominated_by == "model states" or states > budget_bytes:
+        head = (f"budget {budget_text} is below the model states: parameters {format_bytes(graph.param_bytes)} + "
+                f"gradients {format_bytes(graph.grad_bytes)} + optimizer {format_bytes(graph.optimizer_bytes)} = "
+                f"{format_bytes(states)} per GPU ({setup.dtype}, {setup.optimizer}, {shards}); with its leanest "
+                f"activation plan the step needs {format_bytes(exc.min_feasible_bytes)}")
+    else:
+        head = (f"no plan fits budget {budget_text}: the step needs at least {format_bytes(exc.min_feasible_bytes)}, "
+                f"set by {exc.dominated_by}")
+    n_params = graph.meta.get("n_params")
+    options = _zero_options(n_params, setup, floor, budget_bytes) if isinstance(n_params, int) else []
+    options = [o for o in options if (o[1], o[0]) != (setup.zero_stage, setup.world_size)]
+    if options:
+        fixes = " or ".join(f"ZeRO-{stage} over {world} GPUs (--zero-stage {stage} --world-size {world}, "
+                            f"{format_bytes(need)})" for world, stage, need in options[:2])
+        return f"{head}. It would fit with {fixes}, or with --budget {format_bytes(exc.min_feasible_bytes)}"
+    return f"{head}. Raise --budget to at least {format_bytes(exc.min_feasible_bytes)} or shorten --seq/--batch"
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .api import plan as solve_plan
+    from .config import MemoptConfig
+    from .fake_profile import TrainingSetup, fake_profile
+    from .report import PlanReport, render_breakdown, render_html, render_text
+
+    try:
+        setup = TrainingSetup(seq_len=args.seq, batch_size=args.batch, dtype=args.dtype, optimizer=args.optimizer,
+                              zero_stage=args.zero_stage, world_size=args.world_size)
+        hardware = _hardware(args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    budget = args.budget if args.budget is not None else hardware.device_bytes
+    budget_text = args.budget if args.budget is not None else f"{format_bytes(hardware.device_bytes)} ({hardware.name})"
+    budget_bytes = parse_bytes(budget, what="--budget")
+    request = {"model": args.model, "seq": args.seq, "batch": args.batch, "dtype": args.dtype,
+               "optimizer": args.optimizer, "zero_stage": args.zero_stage, "world_size": args.world_size,
+               "gpu": hardware.name, "budget": args.budget}
+    progress = _Progress(enabled=not args.quiet)
+    _quiet_transformers()
+    graph = fake_profile(args.model, setup, hardware, progress=progress)
+    progress(f"solving the plan (time limit {args.time_limit:g} s)")
+    try:
+        plan = solve_plan(graph, budget, MemoptConfig(time_limit_s=args.time_limit))
+    except BudgetError as exc:
+        progress.done()
+        print(render_breakdown(graph, request))
+        raise UsageError(_budget_message(graph, setup, exc, budget_bytes, budget_text)) from None
+    progress("checking the plan with the simulator")
+    report = PlanReport(graph, plan, request)
+    text = render_text(report)
+    progress.done()
+    print(text)
+    _write_outputs(report, args.json, args.html, render_html)
+    if not report.verified:
+        print(f"memopt: internal error: the simulator finds peak {format_bytes(report.simulated.peak_bytes)} for a "
+              f"plan that claims {format_bytes(plan.predicted_peak_bytes)} within {format_bytes(plan.budget_bytes)}; "
+              "please report this with the --json file", file=sys.stderr)
+        return EXIT_INTERNAL
+    return EXIT_OK
+
+
+def _write_outputs(report, json_path: str | None, html_path: str | None, render_html) -> None:
+    try:
+        if json_path:
+            report.save(json_path)
+            print(f"wrote {json_path}")
+        if html_path:
+            with open(html_path, "w") as f:
+                f.write(render_html(report))
+            print(f"wrote {html_path}")
+    except OSError as exc:
+        raise UsageError(f"cannot write {exc.filename!r}: {exc.strerror}") from None
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import PlanReport, render_html, render_text
+
+    try:
+        report = PlanReport.load(args.path)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    print(render_text(report))
+    _write_outputs(report, None, args.html, render_html)
+    return EXIT_OK if report.verified else EXIT_INTERNAL
+
+
+def _cmd_demo(argv: list[str]) -> int:
+    try:
+        from . import demo
+    except ImportError as exc:
+        print(f"memopt demo: error: the demo is not available in this installation ({exc})", file=sys.stderr)
+        return EXIT_USAGE
+    return int(demo.main(argv) or 0)
+
+
+def _quiet_transformers() -> None:
+    # Config-validation chatter (e.g. special token ids of a shrunken vocabulary) would bury the report.
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``memopt`` command; returns the exit code (0 ok, 2 a user error, 1 an internal error).
+
+    Args:
+        argv (list[str] | None, default None): arguments after the program name; ``sys.argv[1:]`` when None.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "demo":
+        return _cmd_demo(argv[1:])
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        return args.run(args)
+    except MemoptError as exc:
+        # ModelConfigError, BudgetError turned into UsageError, bad report files: one line, exit 2.
+        print(f"memopt {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

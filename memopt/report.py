@@ -1,0 +1,445 @@
+"""Plan reports: the text the CLI prints and one self-contained HTML page with a memory-over-time plot.
+
+A ``PlanReport`` is a graph, the plan made for it and the request that produced them; it saves to
+JSON and loads back, and everything else (the simulator's re-check, the baselines, the memory
+timeline) is recomputed from those three, so ``memopt report plan.json`` shows exactly what
+``memopt plan`` showed. The HTML page embeds its CSS and an SVG plot: no scripts, nothing fetched.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from .graph import Plan, TrainingGraph
+from .units import format_bytes
+
+__all__ = ["CATEGORY_COLORS", "PlanReport", "breakdown", "memory_svg", "render_breakdown", "render_html", "render_text"]
+
+_FORMAT = "memopt-plan-report"
+_VERSION = 1
+
+#: Fill colour of each memory category in the plot, in the simulator's stacking order.
+CATEGORY_COLORS = {
+    "model states": "#8c8c8c",
+    "fixed": "#b07aa1",
+    "kept": "#4e79a7",
+    "recompute input": "#59a14f",
+    "swap in flight": "#f28e2b",
+    "unit working set": "#76b7b2",
+    "workspace": "#edc948",
+}
+_BUDGET_COLOR = "#d62728"
+
+
+@dataclass
+class PlanReport:
+    """A plan with the graph it was made for and the request that asked for it.
+
+    Args:
+        graph (TrainingGraph): the profiled or modelled step.
+        plan (Plan): the plan; its decisions name the graph's units in order.
+        request (dict): what the user asked (model, seq, batch, dtype, optimizer, GPU, budget …), shown
+            as given.
+
+    Raises:
+        ValueError: the plan's decisions do not match the graph's units.
+    """
+
+    graph: TrainingGraph
+    plan: Plan
+    request: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        units = [u.name for u in self.graph.units]
+        planned = [d.unit for d in self.plan.decisions]
+        if units != planned:
+            raise ValueError(f"the plan decides units {planned[:3]}... but the graph has {units[:3]}...; "
+                             "a report needs the graph the plan was made for")
+
+    # -- derived figures ----------------------------------------------------------------------------
+    @cached_property
+    def simulated(self):
+        """The simulator's replay of the plan: the re-check of every figure the plan claims."""
+        from .planners import simulate
+
+        return simulate(self.graph, self.plan.decisions)
+
+    @cached_property
+    def baselines(self) -> dict[str, Plan]:
+        """``none`` (keep every activation) and ``checkpoint-all`` (recompute every unit), simulated."""
+        from .planners import baseline_plan
+
+        return {name: baseline_plan(self.graph, name, self.plan.budget_bytes) for name in ("none", "checkpoint-all")}
+
+    @property
+    def verified(self) -> bool:
+        """The simulator agrees with the plan's peak and finds it within the budget."""
+        sim = self.simulated
+        return sim.peak_bytes == self.plan.predicted_peak_bytes and sim.peak_bytes <= self.plan.budget_bytes
+
+    @property
+    def fits_device(self) -> bool:
+        return self.simulated.peak_bytes <= self.graph.hardware.device_bytes
+
+    def breakdown(self) -> list[tuple[str, int, str]]:
+        """Memory by category as ``(name, bytes, how it was counted)``; see ``breakdown``."""
+        return breakdown(self.graph)
+
+    # -- persistence --------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        graph = self.graph.to_dict()
+        # The allocation trace is for buffer layout at plan time; a report never reads it.
+        graph["trace"] = []
+        return {"format": _FORMAT, "version": _VERSION, "request": self.request, "graph": graph,
+                "plan": self.plan.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PlanReport:
+        if not isinstance(data, dict) or data.get("format") != _FORMAT:
+            raise ValueError("not a memopt plan report: the JSON lacks \"format\": \"memopt-plan-report\"; write one "
+                             "with memopt plan ... --json FILE")
+        if data.get("version") != _VERSION:
+            raise ValueError(f"plan report version {data.get('version')!r} is not supported (this memopt reads "
+                             f"version {_VERSION}); make it again with this memopt")
+        try:
+            graph, plan = TrainingGraph.from_dict(data["graph"]), Plan.from_dict(data["plan"])
+            return cls(graph, plan, dict(data.get("request", {})))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"plan report is damaged ({type(exc).__name__}: {exc}); make it again with memopt plan "
+                             "... --json FILE") from None
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> PlanReport:
+        """Read a report written by ``save``.
+
+        Raises:
+            ValueError: the file is missing, not JSON, or not a plan report.
+        """
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ValueError(f"cannot read plan report {str(path)!r}: {exc.strerror}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"plan report {str(path)!r} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        return cls.from_dict(data)
+
+
+def breakdown(graph: TrainingGraph) -> list[tuple[str, int, str]]:
+    """Memory of one step by category, nothing saved, as ``(name, bytes, how it was counted)``.
+
+    Parameters, gradients and optimizer state are per GPU (after sharding); activations are every byte
+    saved for backward; logits / loss is the transient where forward turns into backward; workspace the
+    largest transient of one unit.
+    """
+    meta = graph.meta
+    dtype = meta.get("dtype", "")
+    n_params = meta.get("n_params")
+    count = f"{n_params / 1e9:.3f} B parameters" if isinstance(n_params, int) else "as profiled"
+    unit_saved = sum(u.saved_bytes for u in graph.units)
+    workspace = max([max(u.forward_workspace_bytes, u.backward_workspace_bytes) for u in graph.units] or [0])
+    return [
+        ("parameters", graph.param_bytes, f"{dtype} {count}".strip()),
+        ("gradients", graph.grad_bytes, dtype or "as profiled"),
+        ("optimizer state", graph.optimizer_bytes, meta.get("model_states_convention", "as profiled")),
+        ("activations", unit_saved + graph.fixed_activation_bytes,
+         f"saved for backward by {len(graph.units)} units ({format_bytes(unit_saved)}) and outside them"),
+        ("logits / loss", graph.head_workspace_bytes, "peak where forward turns to backward: logits, loss, gradients"),
+        ("workspace", workspace, "largest transient of one unit beyond what it saves"),
+    ]
+
+
+def render_breakdown(graph: TrainingGraph, request: dict[str, Any] | None = None) -> str:
+    """The heading and the memory breakdown as text: all the CLI can print when no plan fits."""
+    lines = [f"memopt plan: {_title(graph, request or {})}", f"GPU {_hardware_line(graph)}", "",
+             "memory breakdown (per GPU)"]
+    for name, nbytes, how in breakdown(graph):
+        lines.append(f"  {name:<16} {format_bytes(nbytes):>12}   {how}")
+    return "\n".join(lines)
+
+
+# -- text ---------------------------------------------------------------------------------------------
+def _title(graph: TrainingGraph, req: dict[str, Any]) -> str:
+    meta = graph.meta
+    model = req.get("model", meta.get("model", "model"))
+    arch = meta.get("architecture", meta.get("model", ""))
+    shape = ""
+    if "seq_len" in meta:
+        shape = f", batch {meta['batch_size']} x seq {meta['seq_len']}, {meta['dtype']}, {meta['optimizer']}"
+        if meta.get("zero_stage"):
+            shape += f", ZeRO-{meta['zero_stage']} over {meta['world_size']} GPUs"
+    return f"{model} ({arch}){shape}"
+
+
+def _hardware_line(graph: TrainingGraph) -> str:
+    hw = graph.hardware
+    how = graph.meta.get("profiled", "live")
+    source = ("fake-tensor trace, times from a roofline model" if how == "fake" else "profiled on this machine")
+    return (f"{hw.name}: {format_bytes(hw.device_bytes)}, {hw.peak_flops_per_s / 1e12:.0f} TFLOP/s, "
+            f"{hw.mem_bytes_per_s / 1e12:.2f} TB/s; host {format_bytes(hw.host_bytes)} at "
+            f"{hw.h2d_bytes_per_s / 1e9:.0f} GB/s ({source})")
+
+
+def _comparison(report: PlanReport) -> list[tuple[str, Plan | None, int, float, int]]:
+    plan, sim = report.plan, report.simulated
+    rows = [(name, p, p.predicted_peak_bytes, p.predicted_step_s, p.host_bytes)
+            for name, p in (("no saving", report.baselines["none"]),
+                            ("full recompute", report.baselines["checkpoint-all"]))]
+    rows.append((f"memopt ({plan.solver}, {plan.status})", None, sim.peak_bytes, sim.step_s, sim.host_peak_bytes))
+    return rows
+
+
+def _unit_rows(report: PlanReport) -> list[tuple[str, str, int, float, float, float]]:
+    from .planners.simulator import unit_amounts
+
+    rows = []
+    for unit, decision in zip(report.graph.units, report.plan.decisions):
+        amounts = unit_amounts(unit, decision)
+        rows.append((unit.name, decision.mode, unit.saved_bytes, amounts.kept_bytes, amounts.swapped_bytes,
+                     amounts.recompute))
+    return rows
+
+
+def _verdict(report: PlanReport) -> str:
+    plan, sim, hw = report.plan, report.simulated, report.graph.hardware
+    if sim.peak_bytes > hw.device_bytes:
+        return (f"DOES NOT FIT: the plan needs {format_bytes(sim.peak_bytes)}, the {hw.name} has "
+                f"{format_bytes(hw.device_bytes)}; omit --budget to plan for the GPU's memory, or shard with ZeRO")
+    return (f"FITS: predicted peak {format_bytes(sim.peak_bytes)} <= budget {format_bytes(plan.budget_bytes)} on the "
+            f"{hw.name} ({format_bytes(hw.device_bytes)}), step {plan.overhead:.3f}x the no-saving step")
+
+
+def render_text(report: PlanReport) -> str:
+    """The report as the CLI prints it: breakdown, plan per unit, comparison, host, layout, verdict."""
+    plan, sim, graph = report.plan, report.simulated, report.graph
+    lines = [render_breakdown(graph, report.request)]
+    lines.append(f"  {'peak, no saving':<16} {format_bytes(report.baselines['none'].predicted_peak_bytes):>12}   "
+                 "simulated, at the step's fullest moment")
+    lines += ["", "plan per unit", f"  {'unit':<28} {'mode':<10} {'saved':>11} {'on device':>11} {'to host':>11} "
+              f"{'recompute':>9}"]
+    for name, mode, saved, kept, swapped, recompute in _unit_rows(report):
+        lines.append(f"  {name[-28:]:<28} {mode:<10} {format_bytes(saved):>11} {format_bytes(kept):>11} "
+                     f"{format_bytes(swapped):>11} {recompute:>9.0%}")
+    lines += ["", f"  {'':<30} {'peak':>11} {'step':>11} {'x no saving':>11} {'host':>11}"]
+    base_step = report.baselines["none"].predicted_step_s
+    for name, _, peak, step_s, host in _comparison(report):
+        ratio = step_s / base_step if base_step > 0 else 1.0
+        lines.append(f"  {name:<30} {format_bytes(peak):>11} {step_s * 1e3:>8.2f} ms {ratio:>11.3f} "
+                     f"{format_bytes(host):>11}")
+    lines.append("")
+    lines.append(f"budget           {format_bytes(plan.budget_bytes)} (given as {plan.budget_spec!r})")
+    lines.append(f"host memory used {format_bytes(sim.host_peak_bytes)} of {format_bytes(graph.hardware.host_bytes)}")
+    if plan.layout:
+        lines.append(f"buffer layout    {format_bytes(plan.layout.get('arena_bytes', 0))} arena, lower bound "
+                     f"{format_bytes(plan.layout.get('lower_bound_bytes', 0))}, gap {plan.layout.get('gap', 0.0):.2%}")
+    lines.append(f"solver           {plan.solver} {plan.status}, gap {plan.gap:.2%}, {plan.solve_time_s:.2f} s")
+    check = "ok" if report.verified else "MISMATCH"
+    lines.append(f"simulator check  peak {format_bytes(sim.peak_bytes)} <= budget {format_bytes(plan.budget_bytes)}, "
+                 f"step {sim.step_s * 1e3:.2f} ms: {check}")
+    if graph.meta.get("note"):
+        lines.append(f"note             {graph.meta['note']}")
+    lines.append(_verdict(report))
+    return "\n".join(lines)
+
+
+# -- SVG plot -------------------------------------------------------------------------------------------
+def _nice_step(span: float, ticks: int = 5) -> float:
+    raw = span / max(ticks, 1)
+    if raw <= 0:
+        return 1.0
+    magnitude = 10 ** int(f"{raw:e}".split("e")[1])
+    for factor in (1, 2, 2.5, 5, 10):
+        if factor * magnitude >= raw:
+            return factor * magnitude
+    return 10 * magnitude
+
+
+def memory_svg(timeline: list, step_s: float, *, budget_bytes: int | None = None, device_bytes: int | None = None,
+               y_max_bytes: float | None = None, title: str = "", width: int = 880, height: int = 340) -> str:
+    """Memory over one step as an SVG: phases stacked by category, the budget drawn as a line.
+
+    Args:
+        timeline (list): ``SimResult.timeline``: ``(start_s, label, {category: bytes})`` per phase.
+        step_s (float): end of the step, seconds (the last phase ends there).
+        budget_bytes (int | None, default None): drawn as a dashed red line when given.
+        device_bytes (int | None, default None): the GPU's memory, drawn as a dotted line when in range.
+        y_max_bytes (float | None, default None): top of the y axis; from the data when None.
+        title (str, default ""): caption above the plot.
+        width (int, default 880): SVG width, pixels.
+        height (int, default 340): SVG height, pixels.
+    """
+    from .planners.simulator import CATEGORIES
+
+    left, right, top, bottom = 70, 150, 28, 40
+    plot_w, plot_h = width - left - right, height - top - bottom
+    totals = [sum(cats.values()) for _, _, cats in timeline]
+    peak = max(totals or [0])
+    y_max = y_max_bytes or max(peak, budget_bytes or 0) * 1.08 or 1.0
+    end_s = max(step_s, timeline[-1][0] if timeline else 0.0) or 1.0
+    gib = 1024**3
+
+    def x(seconds: float) -> float:
+        return left + plot_w * seconds / end_s
+
+    def y(nbytes: float) -> float:
+        return top + plot_h * (1.0 - min(nbytes, y_max) / y_max)
+
+    spans = []
+    for i, (start, label, cats) in enumerate(timeline):
+        stop = timeline[i + 1][0] if i + 1 < len(timeline) else end_s
+        spans.append((start, max(stop, start), label, cats))
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="memplot" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" data-peak-bytes="{peak}" role="img" '
+           f'aria-label="{html.escape(title or "memory over time")}">',
+           f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fafafa" stroke="#ccc"/>']
+    if title:
+        out.append(f'<text x="{left}" y="18" font-size="13" font-weight="bold">{html.escape(title)}</text>')
+    # Forward and backward halves, split where the head (logits and loss) runs.
+    head = next((s for s in spans if s[2] == "head"), None)
+    if head is not None:
+        xh = x(head[0])
+        out.append(f'<line x1="{xh:.1f}" y1="{top}" x2="{xh:.1f}" y2="{top + plot_h}" stroke="#999" '
+                   'stroke-dasharray="2,3"/>')
+        out.append(f'<text x="{(left + xh) / 2:.1f}" y="{top + 14}" font-size="11" text-anchor="middle" '
+                   'fill="#555">forward</text>')
+        out.append(f'<text x="{(xh + left + plot_w) / 2:.1f}" y="{top + 14}" font-size="11" text-anchor="middle" '
+                   'fill="#555">backward</text>')
+    lower = [0.0] * len(spans)
+    for category in CATEGORIES:
+        values = [float(s[3].get(category, 0)) for s in spans]
+        if not any(values):
+            continue
+        upper = [lo + v for lo, v in zip(lower, values)]
+        points = []
+        for (start, stop, _, _), hi in zip(spans, upper):
+            points += [(x(start), y(hi)), (x(stop), y(hi))]
+        for (start, stop, _, _), lo in reversed(list(zip(spans, lower))):
+            points += [(x(stop), y(lo)), (x(start), y(lo))]
+        path = " ".join(f"{px:.1f},{py:.1f}" for px, py in points)
+        out.append(f'<polygon class="cat" data-category="{category}" points="{path}" '
+                   f'fill="{CATEGORY_COLORS[category]}" stroke="none"><title>{category}</title></polygon>')
+        lower = upper
+    for (start, stop, label, _), total in zip(spans, totals):
+        out.append(f'<rect x="{x(start):.1f}" y="{top}" width="{max(x(stop) - x(start), 0.5):.1f}" '
+                   f'height="{plot_h}" fill="transparent"><title>{html.escape(label)}: '
+                   f'{format_bytes(total)}</title></rect>')
+    for value, color, dash, name in ((budget_bytes, _BUDGET_COLOR, "6,4", "budget"),
+                                     (device_bytes, "#333", "1,3", "GPU memory")):
+        if value and value <= y_max:
+            out.append(f'<line class="{name.replace(" ", "-")}" x1="{left}" y1="{y(value):.1f}" x2="{left + plot_w}" '
+                       f'y2="{y(value):.1f}" stroke="{color}" stroke-width="2" stroke-dasharray="{dash}"/>')
+            out.append(f'<text x="{left + plot_w - 4}" y="{y(value) - 4:.1f}" font-size="11" fill="{color}" '
+                       f'text-anchor="end">{name} {value / gib:.1f} GiB</text>')
+    step = _nice_step(y_max / gib)
+    tick = 0.0
+    while tick * gib <= y_max + 1e-9:
+        out.append(f'<text x="{left - 6}" y="{y(tick * gib) + 4:.1f}" font-size="10" text-anchor="end">{tick:g}</text>')
+        out.append(f'<line x1="{left - 3}" y1="{y(tick * gib):.1f}" x2="{left}" y2="{y(tick * gib):.1f}" '
+                   'stroke="#333"/>')
+        tick += step
+    middle = top + plot_h / 2
+    out.append(f'<text x="16" y="{middle:.0f}" font-size="11" transform="rotate(-90 16 {middle:.0f})" '
+               'text-anchor="middle">GiB on device</text>')
+    scale, unit = (1e3, "ms") if end_s < 10 else (1.0, "s")
+    step_x = _nice_step(end_s * scale)
+    tick = 0.0
+    while tick <= end_s * scale + 1e-9:
+        px = x(tick / scale)
+        out.append(f'<text x="{px:.1f}" y="{top + plot_h + 14}" font-size="10" text-anchor="middle">{tick:g}</text>')
+        tick += step_x
+    out.append(f'<text x="{left + plot_w / 2:.0f}" y="{height - 6}" font-size="11" text-anchor="middle">'
+               f'time in the step ({unit})</text>')
+    for i, category in enumerate(CATEGORIES):
+        ly = top + 30 + 16 * i
+        out.append(f'<rect x="{left + plot_w + 6}" y="{ly}" width="10" height="10" '
+                   f'fill="{CATEGORY_COLORS[category]}"/>')
+        out.append(f'<text x="{left + plot_w + 20}" y="{ly + 9}" font-size="10">{category}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+# -- HTML -----------------------------------------------------------------------------------------------
+_CSS = """
+body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 24px; color: #222; max-width: 1000px; }
+h1 { font-size: 20px; } h2 { font-size: 16px; margin-top: 28px; }
+table { border-collapse: collapse; font-size: 13px; }
+th, td { padding: 3px 10px; border-bottom: 1px solid #e4e4e4; text-align: right; }
+th:first-child, td:first-child, td.text, th.text { text-align: left; }
+.fits { color: #1a7f37; font-weight: bold; } .nofit { color: #d62728; font-weight: bold; }
+.note { color: #666; font-size: 12px; }
+"""
+
+
+def _table(header: list[str], rows: list[list[str]], text_columns: tuple[int, ...] = (0,)) -> str:
+    head = "".join(f'<th class="text">{html.escape(h)}</th>' if i in text_columns else f"<th>{html.escape(h)}</th>"
+                   for i, h in enumerate(header))
+    body = []
+    for row in rows:
+        cells = "".join(f'<td class="text">{html.escape(c)}</td>' if i in text_columns else f"<td>{html.escape(c)}</td>"
+                        for i, c in enumerate(row))
+        body.append(f"<tr>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def render_html(report: PlanReport) -> str:
+    """The report as one self-contained HTML page: tables and two memory-over-time plots (plan, no saving)."""
+    plan, sim, graph = report.plan, report.simulated, report.graph
+    none = report.baselines["none"]
+    from .planners import simulate
+
+    none_sim = simulate(graph, none.decisions)
+    y_max = max(sim.peak_bytes, none_sim.peak_bytes, plan.budget_bytes) * 1.08
+    fits = sim.peak_bytes <= graph.hardware.device_bytes and report.verified
+    breakdown = [[name, format_bytes(nbytes), how] for name, nbytes, how in report.breakdown()]
+    breakdown.append(["peak, no saving", format_bytes(none.predicted_peak_bytes), "simulated"])
+    base_step = none.predicted_step_s
+    comparison = [[name, format_bytes(peak), f"{step_s * 1e3:.2f} ms",
+                   f"{step_s / base_step if base_step > 0 else 1.0:.3f}", format_bytes(host)]
+                  for name, _, peak, step_s, host in _comparison(report)]
+    units = [[name, mode, format_bytes(saved), format_bytes(kept), format_bytes(swapped), f"{recompute:.0%}"]
+             for name, mode, saved, kept, swapped, recompute in _unit_rows(report)]
+    facts = [["budget", f"{format_bytes(plan.budget_bytes)} (given as {plan.budget_spec!r})"],
+             ["host memory used", f"{format_bytes(sim.host_peak_bytes)} of {format_bytes(graph.hardware.host_bytes)}"],
+             ["solver", f"{plan.solver} {plan.status}, gap {plan.gap:.2%}, {plan.solve_time_s:.2f} s"],
+             ["simulator check", "ok" if report.verified else "MISMATCH"]]
+    if plan.layout:
+        facts.append(["buffer layout", f"{format_bytes(plan.layout.get('arena_bytes', 0))} arena, gap "
+                                       f"{plan.layout.get('gap', 0.0):.2%} to the lower bound"])
+    title = _title(graph, report.request)
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>memopt plan: {html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>memopt plan: {html.escape(title)}</h1>",
+        f"<p>GPU {html.escape(_hardware_line(graph))}</p>",
+        f'<p class="{"fits" if fits else "nofit"}" id="verdict">{html.escape(_verdict(report))}</p>',
+        "<h2>Memory over the step</h2>",
+        memory_svg(sim.timeline, sim.step_s, budget_bytes=plan.budget_bytes, device_bytes=graph.hardware.device_bytes,
+                   y_max_bytes=y_max, title=f"memopt plan: peak {format_bytes(sim.peak_bytes)}"),
+        memory_svg(none_sim.timeline, none_sim.step_s, budget_bytes=plan.budget_bytes,
+                   device_bytes=graph.hardware.device_bytes, y_max_bytes=y_max,
+                   title=f"no saving: peak {format_bytes(none_sim.peak_bytes)}"),
+        "<h2>Memory breakdown (per GPU)</h2>",
+        _table(["category", "bytes", "counted as"], breakdown, (0, 2)),
+        "<h2>Plans compared</h2>",
+        _table(["plan", "peak", "step", "x no saving", "host"], comparison),
+        _table(["", ""], facts, (0, 1)),
+        "<h2>Plan per unit</h2>",
+        _table(["unit", "mode", "saved", "on device", "to host", "recompute"], units, (0, 1)),
+    ]
+    if graph.meta.get("note"):
+        parts.append(f'<p class="note">{html.escape(graph.meta["note"])}</p>')
+    parts.append('<p class="note">Figures are the simulator\'s replay of the plan on the graph; '
+                 f'{html.escape(graph.meta.get("timing", "times as profiled"))}.</p>')
+    parts.append("</body></html>")
+    return "\n".join(parts)

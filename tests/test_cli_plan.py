@@ -1,0 +1,125 @@
+"""`memopt plan` / `memopt report`: every printed plan is re-checked by the simulator and fits its budget."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from memopt.cli import main  # noqa: E402
+from memopt.fake_profile import parameter_count  # noqa: E402
+from memopt.hardware import Hardware  # noqa: E402
+from memopt.planners import simulate  # noqa: E402
+from memopt.report import PlanReport  # noqa: E402
+from memopt.units import parse_bytes  # noqa: E402
+
+BASE = ["plan", "gpt2", "--seq", "256", "--batch", "2", "--gpu", "h100", "--quiet"]
+
+
+def _plan(tmp_path, capsys, *extra: str, name: str = "plan") -> tuple[str, PlanReport]:
+    out_json = tmp_path / f"{name}.json"
+    code = main([*BASE, *extra, "--json", str(out_json)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out, PlanReport.load(out_json)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The plan with no budget (the GPU's memory) and its baselines, to place budgets between them."""
+    path = tmp_path_factory.mktemp("ref") / "ref.json"
+    assert main([*BASE, "--json", str(path)]) == 0
+    return PlanReport.load(path)
+
+
+def _middle_budget(reference: PlanReport) -> str:
+    """Halfway between recomputing every unit and keeping everything, in bytes."""
+    low = reference.baselines["checkpoint-all"].predicted_peak_bytes
+    return str((low + reference.baselines["none"].predicted_peak_bytes) // 2)
+
+
+def test_no_budget_plans_for_the_whole_gpu(reference):
+    assert reference.plan.budget_bytes == Hardware.preset("h100").device_bytes
+    # Everything fits an H100 at this size: the fastest plan keeps every activation.
+    assert all(d.mode == "keep" for d in reference.plan.decisions)
+    assert reference.plan.predicted_step_s == pytest.approx(reference.baselines["none"].predicted_step_s)
+
+
+@pytest.mark.parametrize("fraction", [0.9, 0.6, 0.3, 0.05])
+def test_printed_plan_fits_its_budget_per_simulator(tmp_path, capsys, reference, fraction):
+    low = reference.baselines["checkpoint-all"].predicted_peak_bytes
+    high = reference.baselines["none"].predicted_peak_bytes
+    budget_bytes = int(low + fraction * (high - low))
+    out, report = _plan(tmp_path, capsys, "--budget", str(budget_bytes))
+
+    sim = simulate(report.graph, report.plan.decisions)
+    assert sim.peak_bytes <= budget_bytes
+    assert sim.peak_bytes == report.plan.predicted_peak_bytes
+    assert sim.step_s == pytest.approx(report.plan.predicted_step_s)
+    # Never slower than recomputing everything, never faster than keeping everything.
+    assert report.baselines["none"].predicted_step_s - 1e-12 <= sim.step_s
+    assert sim.step_s <= report.baselines["checkpoint-all"].predicted_step_s + 1e-12
+    assert "simulator check" in out and ": ok" in out
+    assert "FITS" in out
+
+
+def test_output_names_every_required_figure(tmp_path, capsys, reference):
+    out, report = _plan(tmp_path, capsys, "--budget", _middle_budget(reference))
+    for needle in ("parameters", "gradients", "optimizer state", "activations", "logits / loss", "workspace",
+                   "no saving", "full recompute", "host memory used", "buffer layout", "gap", "plan per unit"):
+        assert needle in out, needle
+    for unit in report.graph.units:
+        assert unit.name in out
+    assert "fp32 master copy" in out  # the optimizer convention is stated
+
+
+def test_model_state_figures_equal_analytic_counts(tmp_path, capsys):
+    n = parameter_count("gpt2")
+    out, report = _plan(tmp_path, capsys, "--zero-stage", "2", "--world-size", "4", "--optimizer", "adamw")
+    graph = report.graph
+    assert graph.param_bytes == 2 * n
+    assert graph.grad_bytes == -(-2 * n // 4)
+    assert graph.optimizer_bytes == -(-12 * n // 4)
+    assert "ZeRO-2" in out
+
+
+def test_report_re_renders_a_saved_plan(tmp_path, capsys, reference):
+    out, _ = _plan(tmp_path, capsys, "--budget", _middle_budget(reference))
+    html = tmp_path / "again.html"
+    assert main(["report", str(tmp_path / "plan.json"), "--html", str(html)]) == 0
+    again = capsys.readouterr().out
+    printed = [line for line in out.splitlines() if not line.startswith("wrote ")]
+    assert again.splitlines()[: len(printed)] == printed
+    assert "<svg" in html.read_text()
+
+
+def test_custom_gpu_figures_override_the_preset(tmp_path, capsys):
+    out, report = _plan(tmp_path, capsys, "--gpu-memory", "48GiB", "--tflops", "100", "--hbm-tbps", "1",
+                        "--pcie-gbps", "16")
+    hw = report.graph.hardware
+    assert (hw.device_bytes, hw.peak_flops_per_s, hw.mem_bytes_per_s, hw.h2d_bytes_per_s) == (
+        parse_bytes("48GiB"), 100e12, 1e12, 16e9)
+    assert report.plan.budget_bytes == parse_bytes("48GiB")
+    assert "custom" in out
+
+
+def test_json_is_plain_json_with_the_request(tmp_path, capsys):
+    _plan(tmp_path, capsys, "--budget", "20GiB")
+    data = json.loads((tmp_path / "plan.json").read_text())
+    assert data["request"]["model"] == "gpt2" and data["request"]["budget"] == "20GiB"
+    assert data["plan"]["budget_spec"] == "20GiB"
+
+
+def test_demo_is_dispatched_to_memopt_demo(monkeypatch):
+    import sys
+    import types
+
+    seen = []
+    fake = types.ModuleType("memopt.demo")
+    fake.main = lambda argv=None: seen.append(argv) or 7
+    monkeypatch.setitem(sys.modules, "memopt.demo", fake)
+    monkeypatch.setattr("memopt.demo", fake, raising=False)
+    assert main(["demo", "--steps", "2"]) == 7
+    assert seen == [["--steps", "2"]]

@@ -1,0 +1,170 @@
+"""Fake profile: the live walk on fake tensors matches the live profile; model states match the analytic counts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from memopt.config import MemoptConfig  # noqa: E402
+from memopt.fake_profile import (  # noqa: E402
+    ModelConfigError,
+    TrainingSetup,
+    analytic_param_count,
+    fake_profile,
+    load_model_config,
+    model_states,
+    parameter_count,
+    preset_names,
+)
+from memopt.hardware import Hardware  # noqa: E402
+from memopt.planners import baseline_plan  # noqa: E402
+from memopt.profiler import profile_model  # noqa: E402
+from memopt.testing import HF_FAMILIES, hf_causal_lm, hf_sample  # noqa: E402
+
+CPU = Hardware.preset("cpu")
+
+
+def _activation_bytes(graph) -> int:
+    """Everything a step holds for backward with nothing saved, plus the head's transient."""
+    return graph.activation_bytes + graph.head_workspace_bytes
+
+
+def _activation_peak(graph) -> int:
+    return baseline_plan(graph, "none").predicted_peak_bytes - graph.model_state_bytes
+
+
+# (family, seq, dtype): several architectures, two sequence lengths, one half-precision case.
+CASES = [
+    ("llama", 64, "fp32"), ("llama", 128, "fp32"),
+    ("gpt2", 64, "fp32"), ("gpt2", 128, "fp32"),
+    ("qwen2", 128, "fp32"), ("mistral", 64, "fp32"),
+    ("gpt_neox", 128, "fp32"), ("opt", 64, "fp32"),
+    ("llama", 128, "bf16"),
+]
+
+
+@pytest.mark.parametrize("family,seq,dtype", CASES)
+def test_fake_activations_within_10_percent_of_live(family, seq, dtype):
+    config_name, kwargs = HF_FAMILIES[family]
+    hf_config = getattr(transformers, config_name)(**kwargs)
+    batch = 2
+    fake = fake_profile(hf_config, TrainingSetup(seq_len=seq, batch_size=batch, dtype=dtype), CPU)
+
+    model = hf_causal_lm(family, attn_implementation="sdpa")
+    if dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    live = profile_model(model, hf_sample(batch=batch, seq=seq), MemoptConfig(probe_separable=False), CPU)
+
+    assert [u.name for u in fake.units] == [u.name for u in live.units]
+    for fake_value, live_value in ((_activation_bytes(fake), _activation_bytes(live)),
+                                   (_activation_peak(fake), _activation_peak(live))):
+        assert live_value > 0
+        assert abs(fake_value - live_value) <= 0.10 * live_value, (family, seq, fake_value, live_value)
+    # Per unit, too: the largest unit's saved bytes agree.
+    fake_unit = max(u.saved_bytes for u in fake.units)
+    live_unit = max(u.saved_bytes for u in live.units)
+    assert abs(fake_unit - live_unit) <= 0.10 * live_unit
+
+
+PUBLISHED_PARAMS = {
+    "gpt2": 124_439_808,
+    "gpt2-xl": 1_557_611_200,
+    "llama-7b": 6_738_415_616,
+    "llama3-8b": 8_030_261_248,
+    "mistral-7b": 7_241_732_096,
+    "qwen2-7b": 7_615_616_512,
+}
+
+
+def test_every_required_preset_ships():
+    assert set(PUBLISHED_PARAMS) <= set(preset_names())
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED_PARAMS))
+def test_preset_parameter_count_is_analytic(preset):
+    hf_config = load_model_config(preset)
+    assert analytic_param_count(hf_config) == PUBLISHED_PARAMS[preset]
+    assert parameter_count(preset) == PUBLISHED_PARAMS[preset]
+
+
+# (dtype, optimizer, stage, world, bytes per param: params, grads, optimizer)
+STATE_CASES = [
+    ("bf16", "adamw", 0, 1, (2, 2, 12)),
+    ("fp16", "adamw", 0, 1, (2, 2, 12)),
+    ("fp32", "adamw", 0, 1, (4, 4, 8)),
+    ("bf16", "sgd", 0, 1, (2, 2, 4)),
+    ("fp32", "sgd", 0, 1, (4, 4, 0)),
+    ("fp32", "sgd-momentum", 0, 1, (4, 4, 4)),
+    ("bf16", "adamw", 1, 4, (2, 2, 3)),
+    ("bf16", "adamw", 2, 4, (2, 0.5, 3)),
+    ("bf16", "adamw", 3, 4, (0.5, 0.5, 3)),
+]
+
+
+@pytest.mark.parametrize("dtype,optimizer,stage,world,per_param", STATE_CASES)
+def test_model_states_follow_the_convention(dtype, optimizer, stage, world, per_param):
+    n = 1_000_000
+    states = model_states(n, TrainingSetup(seq_len=8, dtype=dtype, optimizer=optimizer, zero_stage=stage,
+                                           world_size=world))
+    assert (states.param_bytes, states.grad_bytes, states.optimizer_bytes) == tuple(int(b * n) for b in per_param)
+    assert optimizer in states.convention
+
+
+def test_fake_profile_model_states_equal_analytic_counts():
+    setup = TrainingSetup(seq_len=64, batch_size=1, dtype="bf16", optimizer="adamw", zero_stage=3, world_size=8)
+    graph = fake_profile("gpt2", setup, Hardware.preset("h100"))
+    n = PUBLISHED_PARAMS["gpt2"]
+    assert graph.meta["n_params"] == n
+    assert graph.param_bytes == -(-2 * n // 8)
+    assert graph.grad_bytes == -(-2 * n // 8)
+    assert graph.optimizer_bytes == -(-12 * n // 8)
+    assert graph.sharding_degree == 8
+    assert graph.meta["profiled"] == "fake"
+
+
+def test_fake_times_come_from_the_roofline_of_the_gpu():
+    setup = TrainingSetup(seq_len=256, batch_size=1)
+    # A slow part, so the per-kernel floor is negligible and times scale with the throughputs.
+    base = Hardware.preset("cpu")
+    fast = fake_profile("gpt2", setup, base)
+    slow_hw = dataclasses.replace(base, name="cpu/4", peak_flops_per_s=base.peak_flops_per_s / 4,
+                                  mem_bytes_per_s=base.mem_bytes_per_s / 4)
+    slow = fake_profile("gpt2", setup, slow_hw)
+    for f, s in zip(fast.units, slow.units):
+        assert f.forward_s > 0 and f.backward_s > f.forward_s
+        assert s.forward_s / f.forward_s == pytest.approx(4.0, rel=0.02)
+        assert s.backward_s / f.backward_s == pytest.approx(4.0, rel=0.02)
+    # Memory does not depend on the GPU's speed.
+    assert [u.saved_bytes for u in fast.units] == [u.saved_bytes for u in slow.units]
+    # Forward and backward of a transformer: about 6 FLOPs per parameter and token, plus recompute.
+    assert fast.meta["modelled_flops"] > 6 * PUBLISHED_PARAMS["gpt2"] * 256 * 0.9
+
+
+def test_sequence_beyond_learned_positions_is_rejected():
+    with pytest.raises(ModelConfigError, match="position"):
+        fake_profile("gpt2", TrainingSetup(seq_len=2048), Hardware.preset("h100"))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(seq_len=0), "seq_len"),
+    (dict(seq_len=8, dtype="int8"), "dtype"),
+    (dict(seq_len=8, optimizer="lion"), "optimizer"),
+    (dict(seq_len=8, zero_stage=4, world_size=2), "zero_stage"),
+    (dict(seq_len=8, zero_stage=2), "world_size"),
+])
+def test_training_setup_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainingSetup(**kwargs)
+
+
+@pytest.mark.parametrize("module_name", ["memopt.roofline", "memopt.fake_profile"])
+def test_docstring_examples_run(module_name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module_name))
+    assert result.attempted > 0 and result.failed == 0
