@@ -9,18 +9,17 @@ streams, so minimising the final end time gives the earliest-start schedule, i.e
 A tiny second term prefers keeping over swapping or recomputing that costs no time.
 
 The solution is realised, re-simulated (the returned figures are the simulator's), repaired if the
-solver's tolerances left it a few bytes over, and compared with the baselines it was warm-started from.
+solver's tolerances left it a few bytes over, and never slower than a baseline that fits.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,7 +89,7 @@ def _options(graph: TrainingGraph, host_budget_bytes: int | None, **kwargs: Any)
 
 @dataclass
 class _UnitTerms:
-    """One unit's part of the program: scaled linear terms, how to read its decision back, warm values."""
+    """One unit's part of the program: scaled linear terms and how to read its decision back."""
 
     held: Any  # bytes held from the end of forward to the end of backward
     swapped: Any  # bytes copied to host
@@ -98,7 +97,6 @@ class _UnitTerms:
     backward_extra: Any  # bytes beyond saved + workspace in backward (rebuilding a token-wise split from rows)
     recompute: Any  # fraction of the forward recomputed
     decode: Callable[[], Decision]
-    warm: Callable[[Decision], list[tuple[Any, float]]]
 
 
 def _unit_terms(prob: Any, u: int, choice: UnitChoices, mem_scale: float) -> _UnitTerms:
@@ -131,11 +129,6 @@ def _unit_terms(prob: Any, u: int, choice: UnitChoices, mem_scale: float) -> _Un
         prob += rec <= n_steps * has[2], f"has_rec_{u}"
         prob += split >= has[0] + has[1] + has[2] - 1, f"split_{u}"
 
-        def warm_rows(d: Decision) -> list[tuple[Any, float]]:
-            k0, r0 = choice.steps_of(d)
-            flags = [float(k0 > 0), float(n_steps - k0 - r0 > 0), float(r0 > 0)]
-            return [(keep, k0), (rec, r0), (full, 1.0 if r0 == n_steps else 0.0),
-                    *zip(has, flags), (split, max(0.0, sum(flags) - 1))]
 
         workspace = unit.forward_workspace_bytes / mem_scale
         return _UnitTerms(
@@ -145,7 +138,6 @@ def _unit_terms(prob: Any, u: int, choice: UnitChoices, mem_scale: float) -> _Un
             backward_extra=assembly_bytes(unit) / mem_scale * split,
             recompute=rec_frac,
             decode=lambda: choice.rows(int(round(keep.varValue or 0)), int(round(rec.varValue or 0))),
-            warm=warm_rows,
         )
     # Otherwise one option: swap the first j saved tensors (j = 0 keeps all), or recompute the unit.
     options = [((unit.saved_bytes - p) / mem_scale, p / mem_scale) for p in choice.prefix_bytes]
@@ -159,9 +151,6 @@ def _unit_terms(prob: Any, u: int, choice: UnitChoices, mem_scale: float) -> _Un
         j = max(range(len(picks)), key=lambda i: picks[i].varValue or 0.0)
         return choice.recompute() if choice.allow_recompute and j == len(picks) - 1 else choice.prefix(j)
 
-    def warm_option(d: Decision) -> list[tuple[Any, float]]:
-        j = len(picks) - 1 if d.recompute >= 1 - 1e-9 else choice.prefix_of(d)
-        return [] if j is None else [(y, 1.0 if i == j else 0.0) for i, y in enumerate(picks)]
 
     workspace = unit.forward_workspace_bytes / mem_scale
     return _UnitTerms(
@@ -172,7 +161,6 @@ def _unit_terms(prob: Any, u: int, choice: UnitChoices, mem_scale: float) -> _Un
         backward_extra=0.0,
         recompute=1.0 * rec_pick,
         decode=decode_option,
-        warm=warm_option,
     )
 
 
@@ -263,7 +251,7 @@ def _add_time(prob: Any, graph: TrainingGraph, terms: list[_UnitTerms], mem_scal
 
 
 def _run_mip(graph: TrainingGraph, opts: _Options, *, budget_bytes: int | None,
-             warm_start: Sequence[Decision] | None = None, mip_gap: float | None = None) -> _Outcome:
+             mip_gap: float | None = None) -> _Outcome:
     """Build and solve the program: fastest step within ``budget_bytes``, or the lowest peak when None."""
     import pulp
 
@@ -284,16 +272,13 @@ def _run_mip(graph: TrainingGraph, opts: _Options, *, budget_bytes: int | None,
         free_work = pulp.lpSum(t.swapped + t.recompute * (u.forward_s / time_scale)
                                for t, u in zip(terms, graph.units))
         prob += step + _PREFER_KEEP * free_work
-    warm_values = [] if warm_start is None else [vv for t, d in zip(terms, warm_start) for vv in t.warm(d)]
-    for var, value in warm_values:
-        var.setInitialValue(value)
 
     handle, log_path = tempfile.mkstemp(prefix="memopt_cbc_", suffix=".log")
     os.close(handle)
     try:
         solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=opts.time_limit_s,
                                    gapRel=opts.mip_gap if mip_gap is None else mip_gap,
-                                   warmStart=bool(warm_values), logPath=log_path)
+                                   logPath=log_path)
         try:
             prob.solve(solver)
         except pulp.PulpSolverError:
@@ -458,7 +443,9 @@ def solve(graph: TrainingGraph, budget_bytes: int, *, host_budget_bytes: int | N
         raise _budget_error(budget_bytes, minimum, "model states",
                             f"model states alone take {format_bytes(graph.model_state_bytes)}")
 
-    # The fastest fitting baseline warm-starts the solver and bounds what it may return.
+    # The fastest fitting baseline bounds what the solver may return. It is not given to CBC as a MIP
+    # start: CBC 2.10 has been seen to return such a start as "optimal" when a plan 4 % faster existed,
+    # to lose it in preprocessing and call the problem infeasible, and to crash on it at a time limit.
     fitting: list[tuple[float, list[Decision], SimResult]] = []
     for name in BASELINES:
         if (name in ("checkpoint-all", "sqrt-n") and not allow_recompute) or (name == "offload-all" and not allow_swap):
@@ -468,15 +455,8 @@ def solve(graph: TrainingGraph, budget_bytes: int, *, host_budget_bytes: int | N
         if _fits(result, budget_bytes, opts.host_budget_bytes):
             fitting.append((result.step_s, decisions, result))
     fitting.sort(key=lambda item: item[0])
-    warm = fitting[0][1] if fitting else None
 
-    outcome = _run_mip(graph, opts, budget_bytes=budget_bytes, warm_start=warm)
-    if warm is not None and outcome.decisions is None:
-        # The warm start fits, so no answer is a solver fault: CBC 2.10 can lose a MIP start in
-        # preprocessing and call the problem infeasible, or crash on one at its time limit. Without the
-        # start it is reliable; it gets the time that is left.
-        left_s = max(opts.time_limit_s - (time.perf_counter() - started), 0.05)
-        outcome = _run_mip(graph, dataclasses.replace(opts, time_limit_s=left_s), budget_bytes=budget_bytes)
+    outcome = _run_mip(graph, opts, budget_bytes=budget_bytes)
     if outcome.decisions is not None:
         decisions = outcome.decisions
         result = simulate(graph, decisions, lookahead=lookahead)
@@ -487,7 +467,7 @@ def solve(graph: TrainingGraph, budget_bytes: int, *, host_budget_bytes: int | N
             result = simulate(graph, decisions, lookahead=lookahead)
         if _fits(result, budget_bytes, opts.host_budget_bytes):
             if fitting and fitting[0][0] < result.step_s:
-                # Only a solver stopped early can trail its own warm start; never return the slower plan.
+                # Only a solver stopped early can trail a baseline; never return the slower plan.
                 _, decisions, result = fitting[0]
             return plan(decisions, result, outcome.status, outcome.gap)
     if fitting:
