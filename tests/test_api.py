@@ -222,3 +222,28 @@ def test_plan_for_another_model_is_rejected():
     with pytest.raises(ValueError, match="units"):
         memopt.apply(other, plan)
     assert not hasattr(other, "_memopt_handle")
+
+
+def test_retain_graph_twice():
+    """A second backward through a retained graph: exact for keep/swap/recompute, a clear error when split by rows."""
+    x = _x()
+    torch.manual_seed(0)
+    ref_model = TinyMLP(depth=6)
+    loss = ref_model(x)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    reference = [p.grad.clone() for p in ref_model.parameters()]
+    for config, splits in ((memopt.MemoptConfig(token_separable={"blocks.*": False}), False),
+                           (memopt.MemoptConfig(allow_swap=False), True)):
+        model = _mlp()
+        handle = memopt.optimize(model, x, 0.5, config)
+        loss = model(x)
+        loss.backward(retain_graph=True)
+        if splits:
+            assert any(d.token_wise and 0 < d.keep_rows < d.rows for d in handle.plan.decisions)
+            with pytest.raises(RuntimeError, match="retain_graph"):
+                loss.backward()
+        else:
+            loss.backward()
+            assert all(torch.equal(p.grad, r) for p, r in zip(model.parameters(), reference))
+        handle.remove()

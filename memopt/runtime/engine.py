@@ -139,7 +139,8 @@ class Frame:
                 return tensor.detach()
             if first:
                 entry = self.runtime.store.put(_bytes_view(tensor))
-                self.entries[index] = entry if entry is not None else tensor
+                # Refused (arena full): hold it, detached so the frame never reaches its grad_fn.
+                self.entries[index] = entry if entry is not None else tensor.detach()
             entry = self.entries[index]
             if isinstance(entry, torch.Tensor):
                 return tensor.detach()
@@ -160,7 +161,7 @@ class Frame:
                      and math.prod(tensor.shape[: dim + 1]) == rows)
             if not whole:
                 # Not a plain row-major tensor over the token rows: hold it whole, stay exact.
-                self.entries[index] = tensor
+                self.entries[index] = tensor.detach()
                 return tensor.detach()
             flat = tensor.detach().reshape(rows, -1)
             keep, swap = policy.keep_rows, policy.swap_rows
@@ -201,7 +202,13 @@ class Frame:
         self.begin_backward()
         full = self.rows_cache.get(handle.storage)
         if full is None:
-            kept, swapped, shape = self.entries[handle.storage]
+            entry = self.entries[handle.storage]
+            if entry is None:
+                raise RuntimeError(
+                    f"memopt: unit {self.runtime.unit_names[self.unit_index]!r} is split by token rows and its saved "
+                    "tensors were used by an earlier backward; a second backward through the same graph "
+                    "(retain_graph=True) needs MemoptConfig(token_separable={name: False}) for such units")
+            kept, swapped, shape = entry
             policy = self.policy
             parts = []
             if kept is not None:
@@ -213,7 +220,7 @@ class Frame:
                     self.recomputed = self._recompute_rows()
                 parts.append(self.recomputed.pop(handle.storage))
             # The parts go as soon as the full tensor exists: the unit never holds both.
-            self.entries[handle.storage] = (None, None, shape)
+            self.entries[handle.storage] = None
             full = torch.cat(parts) if len(parts) > 1 else parts[0]
             del parts
             if full.shape[0] != policy.rows:
