@@ -1,0 +1,44 @@
+"""Builds memopt's C allocator (memopt/csrc) as a plain shared library inside the package.
+
+All package metadata lives in pyproject.toml; this file only adds the native library. The library
+links no Python symbols and is loaded with ctypes, so its file name carries no ABI tag and one build
+serves every Python version on the machine.
+"""
+
+import os
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+CSRC = os.path.join("memopt", "csrc")
+SOURCES = [os.path.join(CSRC, name) for name in ("core.c", "arena.c", "api.c", "cuda.c")]
+
+
+class BuildSharedLibrary(build_ext):
+    """build_ext that names the output ``memopt/_moalloc.so`` (``.dylib`` on macOS) instead of a
+    CPython extension module, and exports only the library's own symbols."""
+
+    def get_ext_filename(self, fullname: str) -> str:
+        suffix = ".dylib" if sys.platform == "darwin" else ".so"
+        return os.path.join(*fullname.split(".")) + suffix
+
+    def get_export_symbols(self, ext):
+        # build_ext would add PyInit__moalloc, which a ctypes library does not have.
+        return ext.export_symbols or []
+
+
+setup(
+    ext_modules=[
+        Extension(
+            "memopt._moalloc",
+            sources=SOURCES,
+            depends=[os.path.join(CSRC, "moalloc.h"), os.path.join(CSRC, "moalloc_internal.h")],
+            # Link-time optimisation lets the hot paths inline across the core's files.
+            extra_compile_args=["-O2", "-flto", "-std=c11", "-D_GNU_SOURCE", "-fvisibility=hidden"],
+            extra_link_args=["-O2", "-flto"],
+            libraries=["dl", "pthread"] if sys.platform.startswith("linux") else [],
+        )
+    ],
+    cmdclass={"build_ext": BuildSharedLibrary},
+)

@@ -1,0 +1,148 @@
+"""Fuzz the arena's Python API against the reference model (atheris / libFuzzer).
+
+Each input is read as a program of operations (allocate, free a live block, free a stale, interior or
+invented offset, write past a block, check) on a small arena; the reference model checks every
+outcome and ``check()`` runs after every operation. Any mismatch or crash is a finding.
+
+Run (outside the default test suite):
+    pip install atheris
+    python tests/fuzz/fuzz_arena.py -atheris_runs=200000            # libFuzzer options follow
+    python tests/fuzz/fuzz_arena.py --random 20000                   # no atheris: seeded random inputs
+
+tests/fuzz/fuzz_core.c fuzzes the C library directly with libFuzzer (build line in that file).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+
+import torch  # imported before instrumentation: only memopt's own code needs coverage feedback
+
+AllocatorError = CorruptionError = Arena = Block = ReferenceArena = None
+
+
+def _load() -> None:
+    global AllocatorError, CorruptionError, Arena, Block, ReferenceArena
+    from memopt.errors import AllocatorError, CorruptionError
+    from memopt.pools import Arena, Block
+    from memopt.pools._reference import ReferenceArena
+
+CAPACITY_BYTES = 1 << 16
+ALIGNMENTS = (1, 16, 256, 4096)
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def byte(self) -> int:
+        if self.pos >= len(self.data):
+            raise EOFError
+        self.pos += 1
+        return self.data[self.pos - 1]
+
+    def u16(self) -> int:
+        return self.byte() | self.byte() << 8
+
+
+def run_program(data: bytes) -> None:
+    """Execute one fuzz input; raises on any disagreement with the reference model."""
+    reader = _Reader(data)
+    config = reader.byte() if data else 0
+    quarantine, canaries = config & 7, bool(config & 8)
+    arena = Arena(CAPACITY_BYTES, hardened=False, quarantine=quarantine, canaries=canaries)
+    ref = ReferenceArena(CAPACITY_BYTES, quarantine, canaries)
+    live: list[Block] = []
+    freed: list[Block] = []
+    corrupted = False
+    try:
+        while True:
+            op = reader.byte() % 8
+            if op <= 2:
+                nbytes = reader.u16() % (CAPACITY_BYTES + 64) if op < 2 else reader.u16() % 64
+                alignment = ALIGNMENTS[reader.byte() % len(ALIGNMENTS)]
+                try:
+                    block = arena.alloc(nbytes, alignment=alignment)
+                    result = (block.offset, block.span_bytes, block.serial)
+                    live.append(block)
+                except AllocatorError as exc:
+                    result = exc
+                ref.on_alloc(nbytes, alignment, result, arena.stats().quarantine_flushes)
+            elif op <= 4 and live:
+                block = live.pop(reader.byte() % len(live))
+                error = None
+                try:
+                    arena.free(block)
+                    freed.append(block)
+                except CorruptionError as exc:
+                    error = exc
+                if error is not None:
+                    if not corrupted:
+                        raise AssertionError(f"free reported corruption nobody caused: {error}")
+                    live.append(block)
+                    return  # the model does not follow a corrupted arena further
+                ref.on_free(block.offset, block.serial, None)
+            elif op == 5:
+                kind = reader.byte() % 3
+                if kind == 0 and freed:
+                    block = freed[reader.byte() % len(freed)]
+                    serial = block.serial
+                elif kind == 1 and live:
+                    victim = live[reader.byte() % len(live)]
+                    block, serial = Block(victim.offset + 1 + reader.byte() % (victim.span_bytes - 1), 1), 0
+                else:
+                    offset = reader.u16() * 16
+                    if offset in ref.entries and not (ref.entries[offset].quarantined or ref.entries[offset].cached):
+                        continue
+                    block, serial = Block(offset, 1), 0
+                before = arena.stats()
+                error = None
+                try:
+                    arena.free(block)
+                except AllocatorError as exc:
+                    error = exc
+                ref.on_free(block.offset, serial, error)
+                if arena.stats() != before:
+                    raise AssertionError("a rejected free changed the arena")
+            elif op == 6 and live and canaries:
+                # Overflow one byte past a block: the next check() or free must report it.
+                block = live[reader.byte() % len(live)]
+                index = block.offset + block.nbytes
+                arena.buffer[index] = int(arena.buffer[index]) ^ 0xFF
+                try:
+                    arena.check()
+                except CorruptionError:
+                    return
+                raise AssertionError(f"overflow past block at {block.offset} went unnoticed")
+            ref.compare_stats(arena.stats(), largest_free=True)
+            arena.check()
+    except EOFError:
+        pass
+    finally:
+        arena.close()
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) >= 2 and argv[1] == "--random":
+        count = int(argv[2]) if len(argv) > 2 else 10_000
+        _load()
+        rng = random.Random(0)
+        for _ in range(count):
+            run_program(rng.randbytes(rng.randrange(1, 400)))
+        print(f"{count} random programs passed")
+        return
+    import atheris
+
+    # Coverage feedback for the Python side (the bindings and the model); the C library gets its own in
+    # the libFuzzer harness fuzz_core.c.
+    with atheris.instrument_imports(include=["memopt"]):
+        _load()
+    atheris.Setup(argv, run_program)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main(sys.argv)

@@ -1,0 +1,178 @@
+/*
+ * libFuzzer harness for memopt's C allocator, with coverage of the C code itself.
+ *
+ * Each input is a program: a configuration byte, then operations (allocate, free a live block, free
+ * a stale, interior or invented offset, overflow a block's guard bytes, write to a freed block). A
+ * shadow table of live blocks checks that no two overlap and that every block's bytes are its own;
+ * mo_check must pass after every operation that corrupted nothing, and must fail after one that did.
+ *
+ * Build and run (clang):
+ *   clang -g -O1 -fsanitize=fuzzer,address,undefined -Imemopt/csrc tests/fuzz/fuzz_core.c \
+ *       memopt/csrc/{core,arena,api,cuda}.c -ldl -lpthread -o fuzz_core && ./fuzz_core -max_total_time=600
+ * Without libFuzzer (any C compiler), replay inputs or run seeded random ones:
+ *   cc -g -O1 -fsanitize=address,undefined -DMO_FUZZ_STANDALONE -Imemopt/csrc tests/fuzz/fuzz_core.c \
+ *       memopt/csrc/{core,arena,api,cuda}.c -ldl -lpthread -o fuzz_core && ./fuzz_core 20000
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "moalloc.h"
+
+#define CAPACITY 65536u
+#define MAX_LIVE 512
+
+typedef struct {
+    uint64_t offset, nbytes, span, serial;
+    uint8_t fill;
+} live_block;
+
+typedef struct {
+    const uint8_t *data;
+    size_t size, pos;
+} reader;
+
+static int next_byte(reader *r, uint8_t *out) {
+    if (r->pos >= r->size) return 0;
+    *out = r->data[r->pos++];
+    return 1;
+}
+
+#define FAIL(...)                                                                                      \
+    do {                                                                                               \
+        fprintf(stderr, "fuzz_core: " __VA_ARGS__);                                                    \
+        fprintf(stderr, " (last error: %s)\n", mo_last_error());                                       \
+        abort();                                                                                       \
+    } while (0)
+
+static void verify_block(const uint8_t *memory, const live_block *b) {
+    for (uint64_t i = 0; i < b->nbytes; i++)
+        if (memory[b->offset + i] != b->fill) FAIL("block at %llu was overwritten: blocks overlap", (unsigned long long)b->offset);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+    static uint8_t memory[CAPACITY];
+    static live_block live[MAX_LIVE];
+    static uint64_t stale[64][2];
+    reader r = {data, size, 0};
+    uint8_t config = 0, op, a, b;
+    if (!next_byte(&r, &config)) return 0;
+    uint32_t flags = (config & 1 ? MO_F_CANARIES : 0) | (config & 2 ? MO_F_POISON : 0);
+    uint64_t handle;
+    if (mo_arena_create(CAPACITY, memory, (config >> 2) & 7, flags, 42, &handle) != MO_OK) FAIL("create failed");
+    size_t n_live = 0, n_stale = 0;
+    int corrupted = 0;
+    while (!corrupted && next_byte(&r, &op) && next_byte(&r, &a) && next_byte(&r, &b)) {
+        switch (op % 6) {
+        case 0:
+        case 1: { /* allocate */
+            uint64_t nbytes = op % 6 == 0 ? (uint64_t)(a | b << 8) : (uint64_t)(a % 64);
+            uint64_t alignment = (uint64_t)1 << (b % 14);
+            uint64_t offset, span, serial;
+            int rc = mo_alloc(handle, nbytes, alignment, &offset, &span, &serial);
+            if (rc == MO_OK) {
+                if (nbytes == 0 || n_live == MAX_LIVE) FAIL("alloc of %llu succeeded", (unsigned long long)nbytes);
+                if (offset % (alignment < 16 ? 16 : alignment) || offset + span > CAPACITY || span < nbytes)
+                    FAIL("bad block [%llu, +%llu)", (unsigned long long)offset, (unsigned long long)span);
+                for (size_t i = 0; i < n_live; i++)
+                    if (offset < live[i].offset + live[i].span && live[i].offset < offset + span)
+                        FAIL("block [%llu, +%llu) overlaps a live one", (unsigned long long)offset, (unsigned long long)span);
+                live_block *lb = &live[n_live++];
+                *lb = (live_block){offset, nbytes, span, serial, (uint8_t)(a ^ b ^ 0x5A)};
+                memset(memory + offset, lb->fill, nbytes);
+            } else if (nbytes != 0 && rc != MO_E_EXHAUSTED) {
+                FAIL("alloc of %llu failed with %d", (unsigned long long)nbytes, rc);
+            }
+            if (n_live == MAX_LIVE) { /* keep room: free the oldest */
+                verify_block(memory, &live[0]);
+                if (mo_free(handle, live[0].offset, live[0].serial) != MO_OK) FAIL("free of a live block failed");
+                live[0] = live[--n_live];
+            }
+            break;
+        }
+        case 2:
+        case 3: /* free a live block */
+            if (n_live) {
+                size_t i = a % n_live;
+                verify_block(memory, &live[i]);
+                if (mo_free(handle, live[i].offset, live[i].serial) != MO_OK) FAIL("free of a live block failed");
+                stale[n_stale % 64][0] = live[i].offset;
+                stale[n_stale % 64][1] = live[i].serial;
+                n_stale++;
+                live[i] = live[--n_live];
+            }
+            break;
+        case 4: { /* a bad free: stale handle, interior offset or an invented one */
+            uint64_t offset = (uint64_t)(a | b << 8), serial = 0;
+            int expect_ok = 0;
+            if (a % 3 == 0 && n_stale) {
+                size_t k = b % (n_stale < 64 ? n_stale : 64);
+                offset = stale[k][0];
+                serial = stale[k][1];
+            } else if (a % 3 == 1 && n_live) {
+                live_block *lb = &live[b % n_live];
+                offset = lb->offset + 1 + a % (lb->span - 1);
+            } else {
+                for (size_t i = 0; i < n_live; i++) expect_ok |= live[i].offset == offset;
+            }
+            mo_stats_t before, after;
+            mo_stats(handle, &before);
+            int rc = mo_free(handle, offset, serial);
+            if (expect_ok) {
+                if (rc != MO_OK) FAIL("free of live offset %llu failed", (unsigned long long)offset);
+                for (size_t i = 0; i < n_live; i++)
+                    if (live[i].offset == offset) { live[i] = live[--n_live]; break; }
+                break;
+            }
+            if (rc != MO_E_DOUBLE_FREE && rc != MO_E_INVALID_FREE) FAIL("bad free of %llu returned %d", (unsigned long long)offset, rc);
+            mo_stats(handle, &after);
+            if (memcmp(&before, &after, sizeof(before))) FAIL("a rejected free changed the counters");
+            break;
+        }
+        case 5: /* corrupt: one byte past a block (canaries) or into freed memory (poison) */
+            if ((flags & MO_F_CANARIES) && n_live && (a & 1)) {
+                live_block *lb = &live[b % n_live];
+                memory[lb->offset + lb->nbytes] ^= 0xFF;
+                corrupted = 1;
+            } else if ((flags & MO_F_POISON) && n_stale && !(a & 1)) {
+                uint64_t offset = stale[(n_stale - 1) % 64][0];
+                int reused = 0;
+                for (size_t i = 0; i < n_live; i++)
+                    reused |= offset >= live[i].offset && offset < live[i].offset + live[i].span;
+                if (reused) break;
+                memory[offset] ^= 0xFF;
+                corrupted = 1;
+            }
+            break;
+        }
+        int rc = mo_check(handle);
+        if (corrupted && rc != MO_E_CORRUPTION) FAIL("corruption went unnoticed by mo_check (rc %d)", rc);
+        if (!corrupted && rc != MO_OK) FAIL("mo_check failed");
+    }
+    if (mo_arena_destroy(handle) != MO_OK) FAIL("destroy failed");
+    uint64_t offset, span, serial;
+    if (mo_alloc(handle, 16, 16, &offset, &span, &serial) != MO_E_BAD_HANDLE) FAIL("a destroyed arena allocated");
+    if (mo_free(handle, 0, 0) != MO_E_BAD_HANDLE) FAIL("a destroyed arena freed");
+    return 0;
+}
+
+#ifdef MO_FUZZ_STANDALONE
+int main(int argc, char **argv) {
+    long runs = argc > 1 ? atol(argv[1]) : 10000;
+    uint64_t state = 0x9E3779B97F4A7C15ull;
+    uint8_t buf[2048];
+    for (long run = 0; run < runs; run++) {
+        size_t n = 1;
+        state = state * 6364136223846793005ull + 1442695040888963407ull;
+        n += (state >> 33) % sizeof(buf);
+        for (size_t i = 0; i < n; i++) {
+            state = state * 6364136223846793005ull + 1442695040888963407ull;
+            buf[i] = (uint8_t)(state >> 56);
+        }
+        LLVMFuzzerTestOneInput(buf, n);
+    }
+    printf("%ld random programs passed\n", runs);
+    return 0;
+}
+#endif
