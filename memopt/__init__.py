@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "AllocatorError": "memopt.errors",
+    "Arena": "memopt.pools",
     "ArenaExhausted": "memopt.errors",
     "BudgetError": "memopt.errors",
     "CorruptionError": "memopt.errors",
