@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
 from torch import nn
 
 from .blocks import select_units
@@ -75,6 +74,8 @@ def plan(graph: TrainingGraph, budget: int | str | float, config: MemoptConfig |
 
 def policy_for(decision: Decision) -> UnitPolicy:
     """The runtime policy that carries out one decision."""
+    if decision.selective:
+        return UnitPolicy("selective")
     if decision.recompute >= 1.0 - 1e-9 and not decision.token_wise:
         return UnitPolicy("recompute")
     if decision.token_wise:

@@ -41,6 +41,9 @@ class Unit:
             bytes; intermediates live only until consumed.
         param_grad_bytes (int): bytes of the gradients of the unit's own parameters.
         flops (float): forward FLOPs, when known (fake profile); 0 otherwise.
+        selective_bytes (int): bytes of the outputs of the unit's expensive ops (matmuls, attention,
+            convolutions), which a selective recompute keeps; 0 when none was measured.
+        selective_s (float): seconds of the unit's other (cheap) ops, which a selective recompute reruns.
     """
 
     name: str
@@ -57,6 +60,8 @@ class Unit:
     checkpoint_workspace_bytes: int = 0
     param_grad_bytes: int = 0
     flops: float = 0.0
+    selective_bytes: int = 0
+    selective_s: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.tensor_bytes) != len(self.token_dims):
@@ -66,7 +71,7 @@ class Unit:
             )
         for key in ("forward_s", "backward_s", "input_bytes", "output_bytes", "tokens",
                     "forward_workspace_bytes", "backward_workspace_bytes", "checkpoint_workspace_bytes",
-                    "param_grad_bytes", "flops"):
+                    "param_grad_bytes", "flops", "selective_bytes", "selective_s"):
             if getattr(self, key) < 0:
                 raise ValueError(f"unit {self.name!r}: {key} must be >= 0, got {getattr(self, key)!r}")
         if self.token_separable and self.tokens <= 0:
@@ -161,7 +166,8 @@ class Decision:
     ``keep + swap + recompute == 1``. For a token-separable unit the fractions are of its token rows:
     rows ``[0, keep_rows)`` stay on the device, ``[keep_rows, keep_rows + swap_rows)`` go to host memory
     and the rest are recomputed from the unit's input rows (``rows`` in all, ``token_dims`` per saved
-    tensor). Otherwise they are fractions of bytes:
+    tensor). A ``selective`` decision (``recompute == 1``) keeps the outputs of the unit's expensive ops and
+    recomputes only the rest. Otherwise they are fractions of bytes:
     ``recompute`` is 0 or 1 (the whole unit is checkpointed) and the saved tensors whose pack-order
     indices are in ``swap_tensors`` go to host memory.
     """
@@ -176,9 +182,12 @@ class Decision:
     rows: int = 0
     token_dims: list[int | None] = field(default_factory=list)
     swap_tensors: list[int] = field(default_factory=list)
+    selective: bool = False
 
     def __post_init__(self) -> None:
         total = self.keep + self.swap + self.recompute
+        if self.selective and (self.recompute < 1.0 - 1e-9 or self.token_wise):
+            raise ValueError(f"decision for {self.unit!r}: a selective recompute has recompute=1 and no row split")
         if min(self.keep, self.swap, self.recompute) < -1e-9 or abs(total - 1.0) > 1e-6:
             raise ValueError(
                 f"decision for {self.unit!r}: keep, swap, recompute must be >= 0 and sum to 1, got "
@@ -187,7 +196,9 @@ class Decision:
 
     @property
     def mode(self) -> str:
-        """One word for tables: keep, swap, recompute, or mixed."""
+        """One word for tables: keep, swap, recompute, selective, token-wise or mixed."""
+        if self.selective:
+            return "selective"
         for name in ("keep", "swap", "recompute"):
             if getattr(self, name) >= 1.0 - 1e-9:
                 return name

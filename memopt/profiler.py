@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .blocks import select_units
@@ -26,6 +28,7 @@ from .hardware import Hardware
 from .meter import MemoryMeter
 from .runtime.engine import UnitPolicy, row_input_shape
 from .runtime.hooks import Runtime
+from .runtime.selective import is_expensive
 
 __all__ = ["compute_loss", "profile_model", "run_model"]
 
@@ -62,15 +65,47 @@ class _UnitRecord:
     recompute_s: float = 0.0
     backward_s: float = 0.0
     input_bytes: int = 0
+    outside_input_bytes: int = 0  # inputs the step did not allocate (the batch)
     output_bytes: int = 0
     forward_peak_live: int = 0
     recompute_peak_live: int = 0
     backward_peak_live: int = 0
     tensor_bytes: list[int] = field(default_factory=list)
+    outside: list[bool] = field(default_factory=list)  # saved storages the step did not allocate
     shapes: list[tuple[int, ...]] = field(default_factory=list)
     probe: tuple[bool, int, int, list[tuple[int, ...]]] | None = None
     declared: bool | None = None
     backward_start_s: float = 0.0
+    expensive_bytes: int = 0
+    expensive_s: float = 0.0
+
+
+class _ExpensiveOps(TorchDispatchMode):
+    """Bytes and seconds of a unit's expensive ops (what a selective recompute keeps and skips)."""
+
+    def __init__(self, record: _UnitRecord, clock, sync) -> None:
+        super().__init__()
+        self.record, self.clock, self.sync = record, clock, sync
+        self.seen: dict[int, StorageWeakRef] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not is_expensive(func):
+            return func(*args, **(kwargs or {}))
+        self.sync()
+        start = self.clock()
+        out = func(*args, **(kwargs or {}))
+        self.sync()
+        self.record.expensive_s += self.clock() - start
+        for leaf in tree_leaves(out):
+            if not isinstance(leaf, torch.Tensor):
+                continue
+            storage = leaf.untyped_storage()
+            known = self.seen.get(storage._cdata)
+            # A freed storage's address can come back for a new one: only a live entry is the same storage.
+            if known is None or known.expired():
+                self.seen[storage._cdata] = StorageWeakRef(storage)
+                self.record.expensive_bytes += storage.nbytes()
+        return out
 
 
 class _Recorder:
@@ -106,13 +141,20 @@ class _Recorder:
         for leaf in tree_leaves((args, kwargs)):
             if isinstance(leaf, torch.Tensor):
                 key = leaf.untyped_storage()._cdata
-                # Only what the step allocated: the batch (like the weights) outlives the step anyway.
-                if key not in self.seen_inputs and self.meter.tracks(leaf):
+                if key not in self.seen_inputs and key not in self.runtime.param_storages:
                     self.seen_inputs.add(key)
-                    rec.input_bytes += leaf.untyped_storage().nbytes()
+                    if self.meter.tracks(leaf):
+                        rec.input_bytes += leaf.untyped_storage().nbytes()
+                    else:
+                        rec.outside_input_bytes += leaf.untyped_storage().nbytes()
         self.sync()
         self.meter.reset_window()
         self.forward_t0 = self.clock()
+
+    def forward_context(self, index: int) -> _ExpensiveOps:
+        rec = self.records[index]
+        rec.expensive_bytes, rec.expensive_s = 0, 0.0
+        return _ExpensiveOps(rec, self.clock, self.sync)
 
     def after_forward(self, index, args, kwargs, out, forward) -> None:
         self.sync()
@@ -161,7 +203,7 @@ class _Recorder:
             shapes = _distinct_shapes(captured, self.runtime.param_storages)
         finally:
             self.meter.paused = False
-            del captured
+            captured.clear()
         return equal, n, rows, shapes
 
     def on_backward(self, index: int) -> None:
@@ -184,15 +226,14 @@ class _Recorder:
         rec.forward_s.append(seconds)
         rec.recompute_peak_live = self.meter.window_peak_bytes
         seen: set[int] = set()
-        rec.tensor_bytes, rec.shapes = [], []
+        rec.tensor_bytes, rec.shapes, rec.outside = [], [], []
         for tensor in captured:
             key = tensor.untyped_storage()._cdata
             if key in seen or key in self.runtime.param_storages:
                 continue
             seen.add(key)
-            # A saved tensor the step did not allocate (the batch) frees nothing when dropped: 0 bytes,
-            # but it keeps its place in pack order, which the runtime counts the same way.
-            rec.tensor_bytes.append(tensor.untyped_storage().nbytes() if self.meter.tracks(tensor) else 0)
+            rec.tensor_bytes.append(tensor.untyped_storage().nbytes())
+            rec.outside.append(not self.meter.tracks(tensor))
             rec.shapes.append(tuple(tensor.shape))
 
     def close_backward(self, now: float) -> None:
@@ -214,12 +255,19 @@ class _Recorder:
         out = []
         prior = fixed
         for rec in self.records:
-            saved = sum(rec.tensor_bytes)
+            saved = sum(b for b, outside in zip(rec.tensor_bytes, rec.outside) if not outside)
             out.append((max(0, rec.recompute_peak_live - prior - saved),
                         max(0, rec.backward_peak_live - prior - saved),
                         max(0, rec.forward_peak_live - prior)))
             prior += rec.input_bytes
         return fixed, max(0, self.head_peak_live - prior), out
+
+
+def _step_bytes(rec: _UnitRecord, separable: bool) -> list[int]:
+    """Saved bytes a decision can free or must copy. A storage the step did not allocate (the batch)
+    frees nothing when dropped, so it counts 0 bytes but keeps its place in pack order, which the runtime
+    counts the same way; a token-wise split copies its rows like any other's, so there it counts whole."""
+    return [b if separable or not outside else 0 for b, outside in zip(rec.tensor_bytes, rec.outside)]
 
 
 def _identity(x):
@@ -353,9 +401,9 @@ def profile_model(model: nn.Module, sample, config: MemoptConfig | None = None,
             name=name,
             forward_s=min(rec.forward_s) if rec.forward_s else 0.0,
             backward_s=rec.backward_s,
-            input_bytes=rec.input_bytes,
+            input_bytes=rec.input_bytes + (rec.outside_input_bytes if separable else 0),
             output_bytes=rec.output_bytes,
-            tensor_bytes=rec.tensor_bytes,
+            tensor_bytes=_step_bytes(rec, separable),
             token_dims=dims if separable else [None] * len(rec.tensor_bytes),
             tokens=rows if separable else 0,
             token_separable=separable,
@@ -363,6 +411,8 @@ def profile_model(model: nn.Module, sample, config: MemoptConfig | None = None,
             backward_workspace_bytes=bwd_ws,
             checkpoint_workspace_bytes=ckpt_ws,
             param_grad_bytes=grad_bytes,
+            selective_bytes=rec.expensive_bytes,
+            selective_s=max(0.0, min(rec.forward_s) - rec.expensive_s) if rec.forward_s and rec.expensive_bytes else 0.0,
         ))
     total_params, trainable = _param_bytes(model)
     unit_forward = sum(r.forward_s[0] for r in recorder.records if r.forward_s)

@@ -71,6 +71,15 @@ class UnitChoices:
     def recompute(self) -> Decision:
         return realize(self.unit, 0.0, 0.0, 1.0, self.row_multiple)
 
+    @property
+    def allow_selective(self) -> bool:
+        """Selective recompute (keep the expensive ops' outputs, rerun the cheap ops) is on offer: the unit
+        is not cut by rows, recompute is allowed, and its expensive outputs were measured."""
+        return self.allow_recompute and not self.step and self.unit.selective_bytes > 0
+
+    def selective(self) -> Decision:
+        return Decision(self.unit.name, 0.0, 0.0, 1.0, selective=True)
+
     def steps_of(self, decision: Decision) -> tuple[int, int]:
         """``(keep_steps, recompute_steps)`` of a token-wise decision of this unit."""
         step = self.step

@@ -272,13 +272,13 @@ def plan_tensors(graph: TrainingGraph, plan: Plan, *, lookahead: int = 1) -> tup
     for u, (unit, decision) in enumerate(zip(units, plan.decisions)):
         a = unit_amounts(unit, decision)
         back = 2 * n - u
-        rest = 0.0 if a.full_recompute else unit.saved_bytes - a.kept_bytes - a.swapped_bytes
+        rest = 0.0 if a.drops_forward else unit.saved_bytes - a.kept_bytes - a.swapped_bytes
         add(a.kept_bytes, u, back + 1, f"kept {unit.name}")
         add(rest, u, u + 1, f"forward intermediates {unit.name}")
         add(a.swapped_bytes, u, u + 2 if is_async else u + 1, f"swap out {unit.name}")
-        add(a.recompute * unit.input_bytes, u + 1, back, f"recompute input {unit.name}")
+        add(a.input_held * unit.input_bytes, u + 1, back, f"recompute input {unit.name}")
         add(a.swapped_bytes, max(n + 1, back - lookahead) if is_async else back, back + 1, f"swap in {unit.name}")
-        add(unit.saved_bytes - a.kept_bytes - a.swapped_bytes, back, back + 1, f"recomputed {unit.name}")
+        add(max(0.0, unit.saved_bytes - a.kept_bytes - a.swapped_bytes), back, back + 1, f"recomputed {unit.name}")
         add(unit.forward_workspace_bytes, u, u + 1, f"forward workspace {unit.name}")
         add(unit.backward_workspace_bytes, back, back + 1, f"backward workspace {unit.name}")
     return out, names

@@ -139,27 +139,35 @@ def _unit_terms(prob: Any, u: int, choice: UnitChoices, mem_scale: float) -> _Un
             recompute=rec_frac,
             decode=lambda: choice.rows(int(round(keep.varValue or 0)), int(round(rec.varValue or 0))),
         )
-    # Otherwise one option: swap the first j saved tensors (j = 0 keeps all), or recompute the unit.
-    options = [((unit.saved_bytes - p) / mem_scale, p / mem_scale) for p in choice.prefix_bytes]
+    # Otherwise one option: swap the first j saved tensors (j = 0 keeps all), recompute the unit, or recompute
+    # only its cheap ops. Each option: (held, swapped, forward working set, recomputed share of forward, decision).
+    workspace = unit.forward_workspace_bytes / mem_scale
+    checkpoint = unit.checkpoint_workspace_bytes / mem_scale
+    options: list[tuple[float, float, float, float, Callable[[], Decision]]] = [
+        ((unit.saved_bytes - p) / mem_scale, p / mem_scale, saved + workspace, 0.0, lambda j=j: choice.prefix(j))
+        for j, p in enumerate(choice.prefix_bytes)]
     if choice.allow_recompute:
-        options.append((inp, 0.0))
+        options.append((inp, 0.0, checkpoint, 1.0, choice.recompute))
+    if choice.allow_selective:
+        kept = unit.selective_bytes / mem_scale
+        share = min(1.0, unit.selective_s / unit.forward_s) if unit.forward_s > 0 else 0.0
+        options.append((kept + inp, 0.0, checkpoint + kept, share, choice.selective))
     picks = [pulp.LpVariable(f"option_{u}_{j}", 0, 1, cat="Binary") for j in range(len(options))]
     prob += pulp.lpSum(picks) == 1, f"one_option_{u}"
-    rec_pick = picks[-1] if choice.allow_recompute else 0.0
 
     def decode_option() -> Decision:
         j = max(range(len(picks)), key=lambda i: picks[i].varValue or 0.0)
-        return choice.recompute() if choice.allow_recompute and j == len(picks) - 1 else choice.prefix(j)
+        return options[j][4]()
 
+    def term(k: int) -> Any:
+        return pulp.lpSum(o[k] * y for o, y in zip(options, picks) if o[k])
 
-    workspace = unit.forward_workspace_bytes / mem_scale
     return _UnitTerms(
-        held=pulp.lpSum(o[0] * y for o, y in zip(options, picks)),
-        swapped=pulp.lpSum(o[1] * y for o, y in zip(options, picks)),
-        working=(saved + workspace) - (saved + workspace) * rec_pick
-        + unit.checkpoint_workspace_bytes / mem_scale * rec_pick,
+        held=term(0),
+        swapped=term(1),
+        working=term(2),
         backward_extra=0.0,
-        recompute=1.0 * rec_pick,
+        recompute=term(3),
         decode=decode_option,
     )
 

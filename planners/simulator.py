@@ -8,7 +8,9 @@ step. For unit u with realised fractions (k, s, r) of its saved bytes ``S`` and 
 
 - ``held = k*S + r*I`` stays on the device from the end of u's forward until u's backward ends;
 - ``swapped = s*S`` is copied to host memory;
-- ``eff = 0`` when ``r == 1`` (a whole-unit checkpoint frees its intermediates during forward), else ``S``.
+- ``eff = 0`` when ``r == 1`` (a whole-unit checkpoint frees its intermediates during forward), else ``S``;
+- a selective recompute keeps only the outputs of the expensive ops (``held = selective bytes + I``), its
+  forward holds those and the checkpoint workspace, and it recomputes the cheap ops (``selective_s``).
 
 Forward of u holds ``base + fixed + sum(held[v<u]) + inflight + eff[u] + forward workspace`` (the
 checkpoint workspace instead of ``eff + forward workspace`` for a whole-unit recompute), where
@@ -53,16 +55,30 @@ class UnitAmounts:
         recompute (float): fraction of the unit recomputed in backward, in [0, 1].
         row_assembly (bool, default False): a token-wise split whose saved tensors are put back together
             from kept, swapped and recomputed rows in backward (one tensor's parts and whole coexist).
+        selective (bool, default False): selective recompute: ``kept_bytes`` are the outputs of the unit's
+            expensive ops (matmuls, attention, convolutions), its inputs are held too, and ``recompute``
+            is the share of its forward time the cheap ops take.
     """
 
     kept_bytes: float
     swapped_bytes: float
     recompute: float
     row_assembly: bool = False
+    selective: bool = False
 
     @property
     def full_recompute(self) -> bool:
         return self.recompute >= _FULL
+
+    @property
+    def drops_forward(self) -> bool:
+        """The forward saves nothing (whole or selective recompute): its intermediates go as they are used."""
+        return self.selective or self.full_recompute
+
+    @property
+    def input_held(self) -> float:
+        """Fraction of the unit's input bytes held for a recompute."""
+        return 1.0 if self.selective else self.recompute
 
 
 @dataclass
@@ -116,6 +132,12 @@ def unit_amounts(unit: Unit, decision: Decision) -> UnitAmounts:
         recompute_rows = unit.tokens - decision.keep_rows - decision.swap_rows
         split = sum(rows > 0 for rows in (decision.keep_rows, decision.swap_rows, recompute_rows)) >= 2
         return UnitAmounts(keep * saved, swap * saved, max(0.0, 1.0 - keep - swap), row_assembly=split)
+    if decision.selective:
+        if not unit.selective_bytes:
+            raise ValueError(f"decision for {unit.name!r} is a selective recompute, but the unit was profiled "
+                             "without one (selective_bytes is 0)")
+        share = min(1.0, unit.selective_s / unit.forward_s) if unit.forward_s > 0 else 0.0
+        return UnitAmounts(float(unit.selective_bytes), 0.0, share, selective=True)
     if decision.recompute >= _FULL:
         return UnitAmounts(0.0, 0.0, 1.0)
     if decision.swap_tensors:
@@ -191,11 +213,11 @@ def simulate_amounts(graph: TrainingGraph, amounts: Sequence[UnitAmounts], *, lo
         points.append((f"forward {unit.name}", {
             "kept": kept_sum, "recompute input": input_sum,
             "swap in flight": swapped[u - 1] if is_async and u > 0 else 0.0,
-            "unit working set": 0.0 if a.full_recompute else float(unit.saved_bytes),
-            "workspace": float(unit.checkpoint_workspace_bytes if a.full_recompute else unit.forward_workspace_bytes),
+            "unit working set": (a.kept_bytes if a.selective else 0.0) if a.drops_forward else float(unit.saved_bytes),
+            "workspace": float(unit.checkpoint_workspace_bytes if a.drops_forward else unit.forward_workspace_bytes),
         }))
         kept_sum += a.kept_bytes
-        input_sum += a.recompute * unit.input_bytes
+        input_sum += a.input_held * unit.input_bytes
     points.append(("head", {
         "kept": kept_sum, "recompute input": input_sum,
         "swap in flight": swapped[n - 1] if is_async and n else 0.0,
@@ -204,7 +226,7 @@ def simulate_amounts(graph: TrainingGraph, amounts: Sequence[UnitAmounts], *, lo
     for u in range(n - 1, -1, -1):
         unit, a = units[u], amounts[u]
         kept_sum -= a.kept_bytes
-        input_sum -= a.recompute * unit.input_bytes
+        input_sum -= a.input_held * unit.input_bytes
         prefetch = sum(swapped[max(0, u - lookahead):u]) if is_async else 0.0
         points.append((f"backward {unit.name}", {
             "kept": kept_sum, "recompute input": input_sum, "swap in flight": prefetch,

@@ -40,13 +40,24 @@ class _Stack(nn.Module):
 def test_parameters_are_never_activations_and_views_count_once():
     x = torch.randn(4, 128, 64, requires_grad=True)
     nbytes = x.numel() * 4
+    # A linear saves its input; its weight is a parameter and does not count. These units are token-separable:
+    # a token-wise split copies rows of every saved tensor, the batch included, so all count whole.
     graph = memopt.profile(_Stack(_Linear), x)
-    # A linear saves its input; its weight is a parameter and does not count. The first unit's input is
-    # the batch, which outlives the step whatever memopt does: it keeps its place, with 0 bytes.
+    assert all(u.token_separable for u in graph.units)
+    assert [u.tensor_bytes for u in graph.units] == [[nbytes]] * 3
+    assert [u.input_bytes for u in graph.units] == [nbytes] * 3
+    graph = memopt.profile(_Stack(_Square), x)
+    assert [u.tensor_bytes for u in graph.units] == [[nbytes]] * 3
+
+
+def test_the_batch_frees_nothing_when_not_split_by_rows():
+    """Held whole, the batch outlives the step anyway: dropping it frees nothing, so it counts 0 bytes."""
+    x = torch.randn(4, 128, 64, requires_grad=True)
+    nbytes = x.numel() * 4
+    config = memopt.MemoptConfig(token_separable={"blocks.*": False})
+    graph = memopt.profile(_Stack(_Linear), x, config)
     assert [u.tensor_bytes for u in graph.units] == [[0], [nbytes], [nbytes]]
     assert [u.input_bytes for u in graph.units] == [0, nbytes, nbytes]
-    graph = memopt.profile(_Stack(_Square), x)
-    assert [u.tensor_bytes for u in graph.units] == [[0], [nbytes], [nbytes]]
 
 
 @pytest.mark.parametrize("factory, sample, separable", [

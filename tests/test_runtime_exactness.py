@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import memopt
-from memopt.testing import TinyConvNet, TinyMLP, hf_causal_lm, hf_sample, max_difference, train
+from memopt.graph import Decision, Plan
+from memopt.testing import TinyConvNet, TinyGPT, TinyMLP, hf_causal_lm, hf_sample, max_difference, train
 
 
 LAYERS = {"llama": "num_hidden_layers", "gpt2": "n_layer", "qwen2": "num_hidden_layers",
@@ -96,3 +97,31 @@ def test_token_wise_split_is_used_and_exact():
     assert handle.stats()["recomputes"] > 0
     handle.remove()
     assert max_difference(_reference_params("mlp"), got) == 0.0
+
+
+SELECTIVE = {
+    "llama": CASES["llama"],
+    "gpt2-sdpa-dropout": (lambda: hf_causal_lm("gpt2", attn_implementation="sdpa", n_layer=4),
+                          lambda i: hf_sample(seq=128, seed=i)),
+    "tinygpt-dropout": (_seeded(lambda: TinyGPT(vocab=256, hidden=64, layers=4, max_tokens=256, dropout=0.1)),
+                        lambda i: torch.randint(0, 256, (2, 256), generator=torch.Generator().manual_seed(i))),
+    "convnet": CASES["convnet"],
+}
+
+
+@pytest.mark.parametrize("name", list(SELECTIVE))
+def test_selective_recompute_bitwise_equal(name):
+    """Every unit keeps only its matmul/attention/conv outputs and replays the rest: still bit-exact,
+    dropout included (the RNG state after each skipped op is restored)."""
+    make, batch = SELECTIVE[name]
+    batches = [batch(i) for i in range(3)]
+    reference = train(make(), batches)
+    model = make()
+    graph = memopt.profile(model, batches[0])
+    assert all(0 < u.selective_bytes and 0 < u.selective_s < u.forward_s * 1.5 for u in graph.units)
+    plan = Plan([Decision(u.name, 0.0, 0.0, 1.0, selective=True) for u in graph.units], 1, 1, 0, 0.0, 0.0, 0)
+    handle = memopt.apply(model, plan)
+    got = train(model, batches)
+    assert handle.stats()["recomputes"] == 3 * len(graph.units)
+    handle.remove()
+    assert max_difference(reference, got) == 0.0

@@ -11,15 +11,17 @@ then runs on full tensors, so gradients equal the unmodified model's.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_map
 
-from .store import HostEntry, HostStore
+from .selective import ExpensiveOutputs
+from .store import HostEntry
 
 __all__ = ["Frame", "UnitPolicy"]
 
@@ -29,7 +31,8 @@ class UnitPolicy:
     """What one unit does with its saved tensors.
 
     ``mode`` is ``keep``, ``swap`` (distinct storages whose index is in ``swap_tensors``),
-    ``recompute`` (all), or ``tokenwise`` (rows ``[0, keep_rows)`` kept, the next ``swap_rows`` swapped,
+    ``recompute`` (all), ``selective`` (all, replayed with the expensive ops' outputs kept from the
+    forward), or ``tokenwise`` (rows ``[0, keep_rows)`` kept, the next ``swap_rows`` swapped,
     the rest recomputed; ``token_dims`` per distinct storage; ``rows`` the profiled row count).
     """
 
@@ -97,7 +100,8 @@ class Frame:
         mode = policy.mode
         self.args = self.kwargs = None
         self.drop_input = None
-        if mode == "recompute":
+        self.recorded: list | None = None  # expensive ops' outputs, for a selective replay
+        if mode in ("recompute", "selective"):
             self.args, self.kwargs = args, kwargs
         elif mode == "tokenwise":
             x = args[0]
@@ -105,7 +109,7 @@ class Frame:
             if dropped:
                 flat = x.detach().reshape(policy.rows, -1)
                 self.drop_input = (flat[policy.rows - dropped:].clone(), x.requires_grad, row_input_shape(x, dropped))
-        self.needs_state = mode == "recompute" or self.drop_input is not None
+        self.needs_state = mode in ("recompute", "selective") or self.drop_input is not None
         if self.needs_state:
             self.cpu_rng = torch.get_rng_state()
             self.cuda_rng = None
@@ -132,7 +136,7 @@ class Frame:
         else:
             index = known[1]
         mode = self.policy.mode
-        if mode == "recompute":
+        if mode in ("recompute", "selective"):
             return _Dropped(self, call)
         if mode == "swap":
             if index not in self.policy.swap_tensors:
@@ -246,6 +250,14 @@ class Frame:
                 self.runtime.store.prefetch(entry[1])
 
     # -- recompute ----------------------------------------------------------------------------------
+    def forward_context(self):
+        """What the first forward runs under besides the pack hooks: the recorder of a selective unit."""
+        if self.policy.mode != "selective":
+            return contextlib.nullcontext()
+        mode = ExpensiveOutputs(self.runtime.device)
+        self.recorded = mode.recorded
+        return mode
+
     def _replay(self, args, kwargs) -> list[torch.Tensor]:
         """Run the unit's forward again as it ran the first time; return what it saved, in pack order."""
         captured: list[torch.Tensor] = []
@@ -265,9 +277,16 @@ class Frame:
             torch.set_rng_state(self.cpu_rng)
             if self.cuda_rng is not None:
                 torch.cuda.set_rng_state(self.cuda_rng, device)
+            serve = (ExpensiveOutputs(device, self.recorded) if self.recorded is not None
+                     else contextlib.nullcontext())
             with torch.enable_grad(), _autocast(device, self.autocast), \
-                    torch.autograd.graph.saved_tensors_hooks(capture, _identity):
+                    torch.autograd.graph.saved_tensors_hooks(capture, _identity), serve:
                 self.forward(*args, **kwargs)
+            if self.recorded is not None and serve.served != len(self.recorded):
+                raise RuntimeError(
+                    f"memopt: the selective replay of unit {self.runtime.unit_names[self.unit_index]!r} ran "
+                    f"{serve.served} expensive ops, its forward {len(self.recorded)}; its forward must take "
+                    "the same path every time")
         if buffers:
             with torch.no_grad():
                 for buffer, saved in buffers:

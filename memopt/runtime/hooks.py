@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 import weakref
@@ -28,8 +29,8 @@ class Runtime:
         host_capacity_bytes (int): size of the host arena for swapped tensors.
         lookahead (int, default 1): units whose swapped tensors are prefetched ahead in backward.
         on_shape_change (str, default "recompute"): see ``MemoptConfig.on_shape_change``.
-        recorder (object | None): profiling callbacks (``before_forward``, ``after_forward``,
-            ``on_backward``, ``on_recompute``); None when training.
+        recorder (object | None): profiling callbacks (``before_forward``, ``forward_context``,
+            ``after_forward``, ``on_backward``, ``on_recompute``); None when training.
     """
 
     def __init__(self, model: nn.Module, units: list[tuple[str, nn.Module]], policies: list[UnitPolicy], *,
@@ -95,7 +96,8 @@ class Runtime:
         self.frames[index] = weakref.ref(frame)
         if recorder is not None:
             recorder.before_forward(index, args, kwargs)
-        with torch.autograd.graph.saved_tensors_hooks(frame.pack, unpack):
+        measure = recorder.forward_context(index) if recorder is not None else contextlib.nullcontext()
+        with torch.autograd.graph.saved_tensors_hooks(frame.pack, unpack), frame.forward_context(), measure:
             out = forward(*args, **kwargs)
         if recorder is not None:
             recorder.after_forward(index, args, kwargs, out, forward)
