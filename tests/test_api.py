@@ -247,3 +247,25 @@ def test_retain_graph_twice():
             loss.backward()
             assert all(torch.equal(p.grad, r) for p, r in zip(model.parameters(), reference))
         handle.remove()
+
+
+def test_autocast_is_replayed_in_recompute():
+    """A step under CPU autocast (bf16): recomputed and selective units replay under the same autocast state."""
+    from memopt.graph import Decision, Plan
+
+    def step(model):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**hf_sample(seq=128))
+        loss.loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    reference = step(hf_causal_lm("llama", num_hidden_layers=4))
+    model = hf_causal_lm("llama", num_hidden_layers=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        graph = memopt.profile(model, hf_sample(seq=128))
+    modes = [Decision(u.name, 0.0, 0.0, 1.0, selective=i % 2 == 0) for i, u in enumerate(graph.units)]
+    handle = memopt.apply(model, Plan(modes, 1, 1, 0, 0.0, 0.0, 0))
+    got = step(model)
+    handle.remove()
+    assert all(torch.equal(a, b) for a, b in zip(reference, got))
