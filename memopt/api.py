@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -31,7 +32,23 @@ def profile(model: nn.Module, sample: Any, config: MemoptConfig | None = None,
     """
     from .profiler import profile_model
 
-    return profile_model(model, sample, config, hardware)
+    config = config or MemoptConfig()
+    graphs = [profile_model(model, sample, config, hardware) for _ in range(config.profile_repeats)]
+    return graphs[0] if len(graphs) == 1 else _median_times(graphs)
+
+
+def _median_times(graphs: list[TrainingGraph]) -> TrainingGraph:
+    """The first graph with every time replaced by the median over repeated profiles (bytes do not vary)."""
+    def median(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    first = graphs[0]
+    units = [dataclasses.replace(unit, **{key: median([g.units[i].__dict__[key] for g in graphs])
+                                          for key in ("forward_s", "backward_s", "selective_s")})
+             for i, unit in enumerate(first.units)]
+    return dataclasses.replace(first, units=units,
+                               other_forward_s=median([g.other_forward_s for g in graphs]),
+                               other_backward_s=median([g.other_backward_s for g in graphs]))
 
 
 def resolve_budget(graph: TrainingGraph, budget: int | str | float) -> int:

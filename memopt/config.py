@@ -30,7 +30,7 @@ class MemoptConfig:
         mip_gap (float, default 0.005): relative MIP gap at which the solver stops.
         host_budget (int | str | None, default None): host bytes swapped activations may use; None
             means half the host's available memory.
-        profile_repeats (int, default 1): timed repeats of each unit; times are medians.
+        profile_repeats (int, default 1): profiled steps; each time in the graph is the median over them.
         on_shape_change (str, default "recompute"): what a batch of another shape than the profiled
             one gets. ``"recompute"`` recomputes every unit whose plan depends on shapes (token-wise
             units) and warns once: always exact, may cost time. ``"error"`` raises.
