@@ -164,6 +164,28 @@ def test_canary_catches_overflow_but_not_in_bounds_writes():
         assert arena.stats().live_blocks == 1  # the rejected free left the block allocated
 
 
+@pytest.mark.parametrize("poison", [False, True])
+def test_canary_catches_every_overflowed_guard_byte(poison):
+    # Every requested size over two granules (every slack and every start of the canary word within a
+    # word), every byte of the canary; with poison on, the rest of the slack is guarded too.
+    with Arena(1 << 16, poison=poison, quarantine=0) as arena:
+        for nbytes in range(1, 2 * _lib.GRANULE_BYTES + 1):
+            span = arena.alloc(nbytes)
+            guarded = (arena.stats().allocated_bytes if poison else nbytes + 8) - nbytes
+            arena.free(span)
+            for k in range(guarded):
+                block = arena.alloc(nbytes)
+                index = block.offset + nbytes + k
+                arena.buffer[index] = int(arena.buffer[index]) ^ 0x01
+                with pytest.raises(CorruptionError, match=rf"offset {index}"):
+                    arena.check()
+                with pytest.raises(CorruptionError, match=rf"overwritten at offset {index}, {k + 1} byte\(s\) past"):
+                    arena.free(block)
+                arena.buffer[index] = int(arena.buffer[index]) ^ 0x01
+                arena.check()
+                arena.free(block)
+
+
 def test_poison_fills_freed_memory():
     with Arena(1 << 16, poison=True, quarantine=0) as arena:
         block = arena.alloc(256)

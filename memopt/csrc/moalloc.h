@@ -33,7 +33,8 @@ extern "C" {
 
 /* Offsets and block spans are multiples of this many bytes. */
 #define MO_GRANULE_BYTES 16u
-/* With canaries on, at least this many guard bytes follow the requested bytes of every block. */
+/* With canaries on, at least this many guard bytes follow the requested bytes of every block; these
+ * first ones hold the canary (with poison on as well, the canary fills the block's whole slack). */
 #define MO_CANARY_MIN_BYTES 8u
 /* Largest capacity an arena accepts: keeps every offset + alignment sum far from overflow. */
 #define MO_MAX_CAPACITY_BYTES (1ull << 60)
@@ -51,7 +52,7 @@ enum mo_status {
 };
 
 enum mo_flags {
-    MO_F_CANARIES = 1u, /* guard bytes after each block, checked on free and by mo_check (host only) */
+    MO_F_CANARIES = 1u, /* a canary right after each block, checked on free and by mo_check (host only) */
     MO_F_POISON = 2u    /* fill freed bytes with a poison byte, verified on reuse and by mo_check */
 };
 

@@ -45,8 +45,9 @@ class ArenaConfig:
         quarantine (int | None, default None): freed blocks held back from reuse, oldest released
             first; None means 16 when hardened, else 0. An allocation that only fits by reusing them
             releases the whole quarantine instead of failing.
-        canaries (bool | None, default None): guard bytes from the first byte past each block's
-            requested size, checked on free and by ``check()``; host arenas only. None follows
+        canaries (bool | None, default None): an 8-byte canary from the first byte past each block's
+            requested size (random per arena), checked on free and by ``check()``; with ``poison`` on
+            as well it fills the block's whole rounding slack. Host arenas only. None follows
             ``hardened``.
         poison (bool, default False): fill freed blocks with a poison byte and verify it on reuse and in
             ``check()``, which reports writes after free; host arenas only. Costs a pass over each block.
