@@ -269,3 +269,23 @@ def test_autocast_is_replayed_in_recompute():
     got = step(model)
     handle.remove()
     assert all(torch.equal(a, b) for a, b in zip(reference, got))
+
+
+def test_retain_graph_twice_with_selective_recompute():
+    """The second backward computes the expensive ops again (their kept outputs went to the first): exact."""
+    from memopt.graph import Decision, Plan
+
+    def grads_twice(model):
+        loss = model(**hf_sample(seq=128)).loss
+        loss.backward(retain_graph=True)
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    reference = grads_twice(hf_causal_lm("gpt2", attn_implementation="sdpa", n_layer=3))
+    model = hf_causal_lm("gpt2", attn_implementation="sdpa", n_layer=3)
+    graph = memopt.profile(model, hf_sample(seq=128))
+    handle = memopt.apply(model, Plan([Decision(u.name, 0.0, 0.0, 1.0, selective=True) for u in graph.units],
+                                      1, 1, 0, 0.0, 0.0, 0))
+    got = grads_twice(model)
+    handle.remove()
+    assert all(torch.equal(a, b) for a, b in zip(reference, got))

@@ -55,3 +55,23 @@ def test_measured_peak_within_budget_and_prediction(name, budget, config_name):
     assert measured <= plan.budget_bytes - state, plan.summary()
     predicted = plan.predicted_peak_bytes - state
     assert abs(predicted - measured) <= 0.05 * measured, (predicted, measured, plan.summary())
+
+
+@pytest.mark.parametrize("modes", ["ssss", "rrrs", "kkks", "srkr"])
+def test_selective_units_hold_what_the_simulator_says(modes):
+    """Forced mixes of selective (s), recompute (r) and keep (k): the measured peak is the simulated one.
+    A selective unit hands its kept expensive outputs back to the replay and keeps none of them after."""
+    from memopt.graph import Decision, Plan
+    from memopt.planners import realize, simulate
+
+    torch.manual_seed(0)
+    model, ids = TinyGPT(hidden=256, layers=4, max_tokens=128), torch.randint(0, 1024, (4, 128))
+    graph = memopt.profile(model, ids)
+    fractions = {"k": (1, 0, 0), "r": (0, 0, 1)}
+    decisions = [Decision(u.name, 0.0, 0.0, 1.0, selective=True) if m == "s" else realize(u, *fractions[m])
+                 for u, m in zip(graph.units, modes)]
+    predicted = simulate(graph, decisions).peak_bytes - graph.model_state_bytes
+    handle = memopt.apply(model, Plan(decisions, 1, 1, 0, 0.0, 0.0, 0))
+    measured = measured_peak_bytes(model, ids, memopt.MemoptConfig())
+    handle.remove()
+    assert abs(predicted - measured) <= 0.01 * measured, (predicted, measured)

@@ -60,8 +60,15 @@ class ExpensiveOutputs(TorchDispatchMode):
             if self.served >= len(self.recorded):
                 raise RuntimeError(f"memopt: the selective replay ran more expensive ops than its forward ({func}); "
                                    "the unit's forward must take the same path every time")
-            out, (cpu_rng, cuda_rng) = self.recorded[self.served]
+            entry = self.recorded[self.served]
             self.served += 1
+            if entry is None:
+                # Served to an earlier backward through the same graph (retain_graph): compute it again.
+                return func(*args, **(kwargs or {}))
+            # Handed over, not kept: an output no saved tensor needs is freed as soon as it is consumed,
+            # exactly as in the forward, so the replay holds no more than a plain recompute does.
+            self.recorded[self.served - 1] = None
+            out, (cpu_rng, cuda_rng) = entry
             torch.set_rng_state(cpu_rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state(cuda_rng, self.device)
@@ -74,7 +81,7 @@ class ExpensiveOutputs(TorchDispatchMode):
     def nbytes(self) -> int:
         """Bytes of the distinct storages recorded."""
         seen: dict[int, int] = {}
-        for out, _ in self.recorded:
+        for out, _ in filter(None, self.recorded):
             for leaf in tree_leaves(out):
                 if isinstance(leaf, torch.Tensor):
                     seen[leaf.untyped_storage()._cdata] = leaf.untyped_storage().nbytes()
