@@ -16,6 +16,7 @@ ARGS = {
     "hf_causal_lm.py": ["--layers", "4", "--seq", "128"],
     "qst_finetune.py": [],
     "arena_basics.py": [],
+    "hf_trainer.py": ["--steps", "4"],
 }
 
 
