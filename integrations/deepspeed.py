@@ -1,0 +1,140 @@
+"""DeepSpeed integration: a ``"memopt"`` section in the DeepSpeed config, applied by ``initialize``.
+
+    engine, optimizer, loader, scheduler = memopt.integrations.deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), training_data=data,
+        config={..., "zero_optimization": {"stage": 2}, "memopt": {"budget": "20GiB"}})
+
+Same signature and return as ``deepspeed.initialize``, plus an optional ``sample`` (one micro-batch); without
+it the first micro-batch of ``training_data`` is used. Before DeepSpeed wraps the model, memopt moves it
+to the accelerator and the configured dtype (as DeepSpeed would), profiles one step on the sample, divides
+the model states by the data-parallel world size as the ZeRO stage shards them (stage 1: optimizer state,
+stage 2: and gradients), plans under the budget and applies the plan; the handle is
+``engine.memopt_handle``. The ``"memopt"`` section takes ``budget`` and any ``MemoptConfig`` field.
+ZeRO stage 3 is refused: it gathers parameters inside the planned units, which a plan would count as
+activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import torch
+
+try:
+    import deepspeed
+except ImportError as error:  # pragma: no cover - exercised only without deepspeed
+    raise ImportError("memopt.integrations.deepspeed needs: pip install 'memopt[deepspeed]'") from error
+
+import memopt
+
+__all__ = ["initialize", "shard_model_states"]
+
+
+def shard_model_states(graph: memopt.TrainingGraph, zero_stage: int, world_size: int) -> memopt.TrainingGraph:
+    """The graph with its model states as one data-parallel rank holds them under ZeRO ``zero_stage``."""
+    _check_stage(zero_stage, world_size)
+    optimizer = graph.optimizer_bytes // world_size if zero_stage >= 1 else graph.optimizer_bytes
+    grads = graph.grad_bytes // world_size if zero_stage >= 2 else graph.grad_bytes
+    return dataclasses.replace(graph, optimizer_bytes=optimizer, grad_bytes=grads,
+                               sharding_degree=world_size if zero_stage else 1)
+
+
+def _check_stage(zero_stage: int, world_size: int) -> None:
+    if zero_stage not in (0, 1, 2):
+        raise ValueError(f"memopt plans ZeRO stages 0-2, got stage {zero_stage!r}; stage 3 gathers parameters "
+                         "inside the planned units. Use stage 2, or plan offline with `memopt plan --zero-stage 3`")
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size!r}")
+
+
+def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer: Any = None,
+               model_parameters: Any = None, training_data: Any = None, lr_scheduler: Any = None,
+               config: str | dict | None = None, config_params: str | dict | None = None,
+               sample: Any = None, collate_fn: Any = None, **kwargs: Any):
+    """``deepspeed.initialize`` with memopt applied first when the config has a ``"memopt"`` section.
+
+    Args:
+        sample: one micro-batch (tensor, tuple or dict) to profile; default: the first of ``training_data``.
+        The others: as ``deepspeed.initialize``.
+
+    Returns:
+        tuple: ``(engine, optimizer, training_dataloader, lr_scheduler)``, as ``deepspeed.initialize``;
+        ``engine.memopt_handle`` is the applied plan (None without a ``"memopt"`` section).
+
+    Raises:
+        ValueError: a bad ``"memopt"`` section, ZeRO stage 3, or no sample and no training data.
+        memopt.BudgetError: the budget is below the smallest feasible one.
+    """
+    if model is None:
+        raise ValueError("memopt.integrations.deepspeed.initialize needs model=...")
+    ds_config = _load(config if config is not None else config_params)
+    section = ds_config.pop("memopt", None)
+    handle = None
+    if section is not None:
+        handle = _apply(model, section, ds_config, sample, training_data, collate_fn)
+    try:
+        out = deepspeed.initialize(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+                                   training_data=training_data, lr_scheduler=lr_scheduler, config=ds_config,
+                                   collate_fn=collate_fn, **kwargs)
+    except BaseException:
+        if handle is not None:
+            handle.remove()
+        raise
+    out[0].memopt_handle = handle
+    return out
+
+
+def _load(config: str | dict | None) -> dict:
+    if config is None:
+        raise ValueError("a DeepSpeed config is required (config=dict or path to a JSON file)")
+    if isinstance(config, str):
+        with open(config) as f:
+            return json.load(f)
+    return dict(config)
+
+
+def _apply(model: torch.nn.Module, section: dict, ds_config: dict, sample: Any, training_data: Any,
+           collate_fn: Any) -> memopt.Handle:
+    if not isinstance(section, dict) or "budget" not in section:
+        raise ValueError(f"the DeepSpeed config's \"memopt\" section needs a budget, got {section!r}; "
+                         "e.g. \"memopt\": {\"budget\": \"20GiB\"}")
+    options = {k: v for k, v in section.items() if k != "budget"}
+    known = {f.name for f in dataclasses.fields(memopt.MemoptConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown keys {unknown} in the \"memopt\" section; valid: budget, {', '.join(sorted(known))}")
+    config = memopt.MemoptConfig(**options)
+    zero = ds_config.get("zero_optimization", {}).get("stage", 0)
+    world = int(torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1
+    _check_stage(zero, world)
+
+    from deepspeed.accelerator import get_accelerator
+
+    device = torch.device(get_accelerator().current_device_name())
+    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else (
+        torch.float16 if ds_config.get("fp16", {}).get("enabled") else None)
+    if dtype is None:
+        model.to(device)
+    else:
+        model.to(device=device, dtype=dtype)
+    if sample is None:
+        if training_data is None:
+            raise ValueError("pass sample=<one micro-batch> or training_data= so memopt can profile a step")
+        batch_size = ds_config.get("train_micro_batch_size_per_gpu") or ds_config.get("train_batch_size", 1)
+        loader = torch.utils.data.DataLoader(training_data, batch_size=batch_size, collate_fn=collate_fn)
+        sample = next(iter(loader))
+    sample = _to(sample, device)
+    graph = shard_model_states(memopt.profile(model, sample, config), zero, world)
+    return memopt.apply(model, memopt.plan(graph, section["budget"], config), config, graph)
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(v, device) for v in batch)
+    return batch
