@@ -40,7 +40,6 @@ class Unit:
         checkpoint_workspace_bytes (int): peak of a forward that saves nothing (whole-unit recompute),
             bytes; intermediates live only until consumed.
         param_grad_bytes (int): bytes of the gradients of the unit's own parameters.
-        flops (float): forward FLOPs, when known (fake profile); 0 otherwise.
         selective_bytes (int): bytes of the outputs of the unit's expensive ops (matmuls, attention,
             convolutions), which a selective recompute keeps; 0 when none was measured.
         selective_s (float): seconds of the unit's other (cheap) ops, which a selective recompute reruns.
@@ -59,7 +58,6 @@ class Unit:
     backward_workspace_bytes: int = 0
     checkpoint_workspace_bytes: int = 0
     param_grad_bytes: int = 0
-    flops: float = 0.0
     selective_bytes: int = 0
     selective_s: float = 0.0
 
@@ -71,7 +69,7 @@ class Unit:
             )
         for key in ("forward_s", "backward_s", "input_bytes", "output_bytes", "tokens",
                     "forward_workspace_bytes", "backward_workspace_bytes", "checkpoint_workspace_bytes",
-                    "param_grad_bytes", "flops", "selective_bytes", "selective_s"):
+                    "param_grad_bytes", "selective_bytes", "selective_s"):
             if getattr(self, key) < 0:
                 raise ValueError(f"unit {self.name!r}: {key} must be >= 0, got {getattr(self, key)!r}")
         if self.token_separable and self.tokens <= 0:
@@ -100,7 +98,6 @@ class TrainingGraph:
         other_forward_s (float): forward time outside the units, seconds.
         other_backward_s (float): backward time outside the units, seconds.
         sharding_degree (int): ZeRO/FSDP degree the model states were divided by.
-        trace (list[list[int]]): the step's allocations as ``[bytes, start, end)`` triples, for buffer layout.
         meta (dict): free-form facts (model name, batch shape, dtype, how it was profiled).
     """
 
@@ -114,7 +111,6 @@ class TrainingGraph:
     other_forward_s: float = 0.0
     other_backward_s: float = 0.0
     sharding_degree: int = 1
-    trace: list[list[int]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

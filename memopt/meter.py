@@ -8,11 +8,11 @@ are never counted.
 
 from __future__ import annotations
 
-from torch.multiprocessing.reductions import StorageWeakRef
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-import torch
+from ._storages import StorageMap
 
 __all__ = ["MemoryMeter"]
 
@@ -29,20 +29,16 @@ class MemoryMeter(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self._live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self._known: dict[int, StorageWeakRef] = {}
+        self._live = StorageMap()  # storage -> bytes, for storages allocated under the meter
+        self._paused = StorageMap()  # storages allocated while paused: never counted
         self.current_bytes = 0
         self.peak_bytes = 0
         self.window_peak_bytes = 0
         self.paused = False
-        self.trace: list[list[int]] = []
-        self._clock = 0
-        self._born: dict[int, int] = {}
 
     def tracks(self, tensor: torch.Tensor) -> bool:
         """Whether ``tensor``'s storage was allocated under the meter and is still alive."""
-        entry = self._live.get(tensor.untyped_storage()._cdata)
-        return entry is not None and not entry[0].expired()
+        return tensor.untyped_storage() in self._live
 
     def reset_window(self) -> int:
         """Start a new peak window at the current live bytes; returns them."""
@@ -52,38 +48,22 @@ class MemoryMeter(TorchDispatchMode):
 
     def collect(self) -> None:
         """Drop storages that have been freed since the last op."""
-        for key in [key for key, (ref, _) in self._live.items() if ref.expired()]:
-            self._drop(key)
-        for key in [key for key, ref in self._known.items() if ref.expired()]:
-            del self._known[key]
-
-    def _drop(self, key: int) -> None:
-        _, nbytes = self._live.pop(key)
-        self.current_bytes -= nbytes
-        self.trace.append([nbytes, self._born.pop(key), self._clock])
+        self.current_bytes -= sum(self._live.pop_expired())
+        self._paused.pop_expired()
 
     def _track(self, out, inputs: set[int]) -> None:
         for leaf in tree_leaves(out):
             if not isinstance(leaf, torch.Tensor):
                 continue
             storage = leaf.untyped_storage()
-            key = storage._cdata
             # Views and in-place results share an input's storage: nothing new was allocated.
-            if key in inputs:
-                continue
-            # A freed storage's address may be reused before it was collected: same key, new storage.
-            if key in self._live and self._live[key][0].expired():
-                self._drop(key)
-            if key in self._known and self._known[key].expired():
-                del self._known[key]
-            if key in self._live or key in self._known:
+            if storage._cdata in inputs or storage in self._live or storage in self._paused:
                 continue
             if self.paused:
-                self._known[key] = StorageWeakRef(storage)
+                self._paused.add(storage, True)
                 continue
             nbytes = storage.nbytes()
-            self._live[key] = (StorageWeakRef(storage), nbytes)
-            self._born[key] = self._clock
+            self._live.add(storage, nbytes)
             self.current_bytes += nbytes
         if self.current_bytes > self.window_peak_bytes:
             # current_bytes is an upper bound until freed storages are collected; collecting only when
@@ -96,6 +76,5 @@ class MemoryMeter(TorchDispatchMode):
         inputs = {leaf.untyped_storage()._cdata for leaf in tree_leaves((args, kwargs))
                   if isinstance(leaf, torch.Tensor)}
         out = func(*args, **(kwargs or {}))
-        self._clock += 1
         self._track(out, inputs)
         return out

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ._storages import StorageMap
 from .blocks import select_units
 from .config import MemoptConfig
 from .graph import TrainingGraph, Unit
@@ -86,7 +86,7 @@ class _ExpensiveOps(TorchDispatchMode):
     def __init__(self, record: _UnitRecord, clock, sync) -> None:
         super().__init__()
         self.record, self.clock, self.sync = record, clock, sync
-        self.seen: dict[int, StorageWeakRef] = {}
+        self.seen = StorageMap()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not is_expensive(func):
@@ -100,10 +100,8 @@ class _ExpensiveOps(TorchDispatchMode):
             if not isinstance(leaf, torch.Tensor):
                 continue
             storage = leaf.untyped_storage()
-            known = self.seen.get(storage._cdata)
-            # A freed storage's address can come back for a new one: only a live entry is the same storage.
-            if known is None or known.expired():
-                self.seen[storage._cdata] = StorageWeakRef(storage)
+            if storage not in self.seen:
+                self.seen.add(storage, True)
                 self.record.expensive_bytes += storage.nbytes()
         return out
 
@@ -350,15 +348,15 @@ def profile_model(model: nn.Module, sample, config: MemoptConfig | None = None,
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" and torch.cuda.is_initialized() else None
     for p in params:
         p.grad = torch.zeros_like(p)
-    fixed_seen: set[int] = set()
+    fixed_seen = StorageMap()
     meter = MemoryMeter()
     recorder = _Recorder(meter, names, config, device, clock)
 
     def pack_outside(tensor):
-        key = tensor.untyped_storage()._cdata
-        if key not in fixed_seen and meter.tracks(tensor):
-            fixed_seen.add(key)
-            recorder.fixed_bytes += tensor.untyped_storage().nbytes()
+        storage = tensor.untyped_storage()
+        if storage not in fixed_seen and meter.tracks(tensor):
+            fixed_seen.add(storage, True)
+            recorder.fixed_bytes += storage.nbytes()
         return tensor.detach()
 
     recorder.runtime = runtime
@@ -428,7 +426,6 @@ def profile_model(model: nn.Module, sample, config: MemoptConfig | None = None,
         head_workspace_bytes=head_workspace,
         other_forward_s=max(0.0, (t_forward_end - t0) - unit_forward),
         other_backward_s=max(0.0, (t_end - t_forward_end) - unit_backward),
-        trace=meter.trace,
         meta={"model": type(model).__name__, "profiled": "live", "device": str(device),
               "sample": _describe(sample), "peak_activation_bytes_safe_mode": meter.peak_bytes,
               "first_backward_s": first_backward - t0},

@@ -92,10 +92,7 @@ class PlanReport:
 
     # -- persistence --------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        graph = self.graph.to_dict()
-        # The allocation trace is for buffer layout at plan time; a report never reads it.
-        graph["trace"] = []
-        return {"format": _FORMAT, "version": _VERSION, "request": self.request, "graph": graph,
+        return {"format": _FORMAT, "version": _VERSION, "request": self.request, "graph": self.graph.to_dict(),
                 "plan": self.plan.to_dict()}
 
     @classmethod

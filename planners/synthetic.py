@@ -96,7 +96,6 @@ def random_graph(n_units: int, seed: int, *, separable_fraction: float = 0.5,
             backward_workspace_bytes=bwd_ws,
             # Without saving, the largest intermediate still lives until its consumer has run.
             checkpoint_workspace_bytes=fwd_ws + max(saved),
-            flops=flops,
         ))
     params += 2 * _VOCAB * hidden  # embedding and LM head
     # Shard model states (ZeRO-style) until they take at most a quarter of the device.

@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_map
 
+from .._storages import StorageMap
 from .selective import ExpensiveOutputs
 from .store import HostEntry
 
@@ -90,7 +90,7 @@ class Frame:
         self.policy = policy
         self.forward = forward
         self.calls = 0
-        self.storage_index: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.storage_index = StorageMap()  # storage -> its index among the distinct storages saved
         self.distinct = 0
         self.entries: dict[int, object] = {}
         self.recomputed: dict[int, torch.Tensor] | None = None
@@ -109,8 +109,7 @@ class Frame:
             if dropped:
                 flat = x.detach().reshape(policy.rows, -1)
                 self.drop_input = (flat[policy.rows - dropped:].clone(), x.requires_grad, row_input_shape(x, dropped))
-        self.needs_state = mode in ("recompute", "selective") or self.drop_input is not None
-        if self.needs_state:
+        if mode in ("recompute", "selective") or self.drop_input is not None:
             self.cpu_rng = torch.get_rng_state()
             self.cuda_rng = None
             device = runtime.device
@@ -123,18 +122,14 @@ class Frame:
         call = self.calls
         self.calls += 1
         storage = tensor.untyped_storage()
-        key = storage._cdata
-        if key in self.runtime.param_storages:
+        if storage._cdata in self.runtime.param_storages:
             return tensor
-        known = self.storage_index.get(key)
-        # A freed storage's address can be reused by the next tensor: same key, new storage.
-        first = known is None or known[0].expired()
+        index = self.storage_index.get(storage)
+        first = index is None
         if first:
             index = self.distinct
             self.distinct += 1
-            self.storage_index[key] = (StorageWeakRef(storage), index)
-        else:
-            index = known[1]
+            self.storage_index.add(storage, index)
         mode = self.policy.mode
         if mode in ("recompute", "selective"):
             return _Dropped(self, call)
