@@ -217,6 +217,21 @@ class ReferenceArena:
             return DoubleFree  # a stale handle: its block was freed (and maybe the offset reused)
         return InvalidFree
 
+    def reject_free(self, arena, block, serial: int) -> None:
+        """Free ``block`` in the real ``arena`` expecting a rejection: the error must be the one this model
+        predicts, and the arena's statistics must not move."""
+        from memopt.errors import AllocatorError
+
+        before = arena.stats()
+        error = None
+        try:
+            arena.free(block)
+        except AllocatorError as exc:
+            error = exc
+        self.on_free(block.offset, serial, error)
+        if error is None or arena.stats() != before:
+            raise ReferenceMismatch(f"free({block.offset}) should have been rejected and left the arena as it was")
+
     def on_free(self, offset: int, serial: int, error: BaseException | None) -> None:
         """Check a free's outcome (``error`` is the exception raised, or None) and apply it."""
         expected = self.expected_free_error(offset, serial)
