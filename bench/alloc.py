@@ -13,8 +13,10 @@ region: ``Arena``'s default), ``python-best-fit``; ``+threads`` rows run in a pr
 
 Columns: ``ns_per_op`` (best of the repeats and rounds), ``speed_vs_glibc`` (glibc ns / this ns in the
 same kind of process: above 1 is faster than malloc), ``reserved_over_live`` (peak bytes reserved / peak bytes live: 1.00 is no
-fragmentation or rounding at all) and ``metadata_pct`` (peak metadata bytes as a percentage of peak live
-bytes; glibc keeps its headers inside the blocks, so it has no out-of-band figure).
+fragmentation or rounding at all), ``metadata_pct`` (peak out-of-band metadata bytes as a percentage of
+the trace's peak live requested bytes: the strict figure) and ``metadata_pct_of_spans`` (the same over
+the allocator's own peak bytes in live blocks, rounding and guard bytes included); glibc keeps its headers
+inside the blocks, so it has no out-of-band figure.
 
 Run: python bench/alloc.py [--repeats 5] [--quick]
 """
@@ -243,7 +245,7 @@ def main() -> None:
                         results[mode] = r
             py_ns, py_reserved = replay_python(trace, capacity)
             results["python-best-fit"] = {"ns_per_op": py_ns, "peak_reserved_bytes": py_reserved,
-                                          "peak_metadata_bytes": None}
+                                          "peak_metadata_bytes": None, "peak_span_bytes": None}
             for allocator, r in results.items():
                 # A process with threads is compared with glibc in a process with threads.
                 glibc_ns = results["glibc+threads" if allocator.endswith("+threads") else "glibc"]["ns_per_op"]
@@ -255,6 +257,7 @@ def main() -> None:
                     "speed_vs_glibc": round(glibc_ns / r["ns_per_op"], 3),
                     "reserved_over_live": round(r["peak_reserved_bytes"] / live, 3),
                     "metadata_pct": "" if metadata is None else round(100 * metadata / live, 3),
+                    "metadata_pct_of_spans": "" if metadata is None else round(100 * metadata / r["peak_span_bytes"], 3),
                 })
                 print(json.dumps(rows[-1]))
     write_rows("alloc", rows)

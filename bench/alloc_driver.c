@@ -14,7 +14,8 @@
  * torch): glibc then takes its multi-threaded paths and moalloc its per-arena lock.
  * Prints one JSON object: best ns per operation over REPEATS replays, and the peak bytes reserved
  * (glibc: heap + mmapped bytes, from mallinfo2 on a first replay in a fresh process; moalloc: the
- * highest end offset of any block) and, for moalloc, the peak metadata bytes.
+ * highest end offset of any block or slab) and, for moalloc, the peak metadata bytes and the peak bytes
+ * in live blocks (spans: requested bytes plus rounding and guard bytes).
  */
 #include <dlfcn.h>
 #include <malloc.h>
@@ -130,7 +131,7 @@ int main(int argc, char **argv) {
     uint64_t *serials = calloc(max_id + 1, sizeof(uint64_t));
 
     double best = 1e300;
-    uint64_t peak_reserved = 0, peak_metadata = 0;
+    uint64_t peak_reserved = 0, peak_metadata = 0, peak_spans = 0;
     if (strcmp(mode, "glibc") == 0) {
         replay_glibc(trace, n, ptrs, 1, &peak_reserved); /* first, on a fresh heap: the memory figure */
         for (int k = 0; k < repeats; k++) {
@@ -168,12 +169,14 @@ int main(int argc, char **argv) {
             p_stats(handle, &st);
             peak_reserved = st.high_water_bytes;
             peak_metadata = st.peak_metadata_bytes;
+            peak_spans = st.peak_bytes;
             p_destroy(handle);
         }
         free(region);
     }
     printf("{\"mode\": \"%s\", \"ops\": %zu, \"ns_per_op\": %.3f, \"peak_reserved_bytes\": %llu, "
-           "\"peak_metadata_bytes\": %llu}\n",
-           argv[3], n, best / (double)n, (unsigned long long)peak_reserved, (unsigned long long)peak_metadata);
+           "\"peak_metadata_bytes\": %llu, \"peak_span_bytes\": %llu}\n",
+           argv[3], n, best / (double)n, (unsigned long long)peak_reserved, (unsigned long long)peak_metadata,
+           (unsigned long long)peak_spans);
     return 0;
 }

@@ -52,7 +52,7 @@ def run_differential(ops: int, seed: int, config: dict) -> dict[str, int]:
                 block = Block(victim.offset + rng.randrange(1, victim.span_bytes), 1)  # an interior offset
             elif kind == 2:
                 offset = rng.randrange(0, CAPACITY_BYTES + 4096)
-                if offset in ref.entries and not (ref.entries[offset].quarantined or ref.entries[offset].cached):
+                if ref.is_live(offset):
                     continue  # a live block's start: freeing it would be legitimate
                 block = Block(offset, 1)  # an offset never returned
             elif kind == 3:

@@ -91,6 +91,38 @@ CASES = {
         "b = arena.alloc(256); arena.free(b); arena.buffer[b.offset + 5] = int(arena.buffer[b.offset + 5]) ^ 0xFF",
         "arena.alloc(256)", "CorruptionError", "b.offset + 5", "CorruptionError", "",
     ),
+    # The same misuses on small blocks, which are slots of a slab (alignment 16: the slot's span is a
+    # multiple of it) and, once freed, wait in quarantine or in the per-span slot cache.
+    "slot_double_free": ("", "b = arena.alloc(40, alignment=16); arena.free(b)", "arena.free(b)", "DoubleFree",
+                         "b.offset", "ok", ""),
+    "slot_double_free_after_reuse": (
+        "hardened=False",
+        "b = arena.alloc(40, alignment=16); arena.free(b); b2 = arena.alloc(40, alignment=16); assert b2.offset == b.offset",
+        "arena.free(b)", "DoubleFree", "b.offset", "ok",
+        "arena.free(b2); out['reused_block_freed'] = True",
+    ),
+    "slot_double_free_without_handle": (
+        "", "b = arena.alloc(40, alignment=16); arena.free(b)", "arena.free(Block(b.offset, 40))", "DoubleFree",
+        "b.offset", "ok", "",
+    ),
+    "slot_free_interior": ("", "b = arena.alloc(40, alignment=16)", "arena.free(Block(b.offset + 16, 8))",
+                           "InvalidFree", "b.offset + 16", "ok", ""),
+    "slot_free_never_returned": ("", "b = arena.alloc(40, alignment=16)", "arena.free(Block(b.offset + 5 * 48, 8))",
+                                 "InvalidFree", "b.offset + 5 * 48", "ok", ""),
+    "slot_overflow_one_byte": (
+        "", "b = arena.alloc(40, alignment=16); i = b.offset + 40; arena.buffer[i] = int(arena.buffer[i]) ^ 0xFF",
+        "arena.free(b)", "CorruptionError", "b.offset", "CorruptionError", "",
+    ),
+    "slot_write_after_free_check": (
+        "poison=True",
+        "b = arena.alloc(40, alignment=16); arena.free(b); arena.buffer[b.offset + 5] = int(arena.buffer[b.offset + 5]) ^ 0xFF",
+        "arena.check()", "CorruptionError", "b.offset + 5", "CorruptionError", "",
+    ),
+    "slot_write_after_free_reuse": (
+        "poison=True, quarantine=0",
+        "b = arena.alloc(40, alignment=16); arena.free(b); arena.buffer[b.offset + 5] = int(arena.buffer[b.offset + 5]) ^ 0xFF",
+        "arena.alloc(40, alignment=16)", "CorruptionError", "b.offset + 5", "CorruptionError", "",
+    ),
 }
 
 
@@ -165,7 +197,7 @@ def test_misuse(outcomes, name):
     assert out["unchanged"], "a rejected call changed the arena"
     assert out["keep_intact"], "a rejected call touched a live block's memory"
     assert out["check"] == expected_check
-    if name == "double_free_after_reuse":
+    if name.endswith("double_free_after_reuse"):
         assert out["reused_block_freed"]
 
 

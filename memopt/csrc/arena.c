@@ -1,14 +1,15 @@
 /*
- * Checked allocation and free over the TLSF core: argument validation, classification of bad frees,
- * the quarantine, canaries and poison, the invariant walk and statistics. Every operation validates
- * and reserves metadata before it changes anything, so a rejected call leaves the arena untouched.
+ * Checked allocation and free over the TLSF core and its small-object slabs: argument validation,
+ * classification of bad frees, the quarantine, canaries and poison, the invariant walk and
+ * statistics. Every operation validates and reserves metadata before it changes anything, so a
+ * rejected call leaves the arena untouched.
  */
+#include <stdlib.h>
 #include <string.h>
 
 #include "moalloc_internal.h"
 
 typedef unsigned long long ull;
-
 static inline uint8_t canary_byte(const mo_arena *a, uint64_t pos) {
     return (uint8_t)(a->canary_key >> ((pos & 7u) * 8u));
 }
@@ -72,11 +73,8 @@ static uint64_t find_bad_poison(const mo_arena *a, uint64_t from, uint64_t to) {
     uint64_t word = 0x0101010101010101ull * b, p = from;
     for (; p < to && (p & 7u); p++)
         if (m[p] != b) return p;
-    for (; p + 8 <= to; p += 8) {
-        uint64_t w;
-        memcpy(&w, m + p, 8);
-        if (w != word) break;
-    }
+    for (; p + 8 <= to; p += 8)
+        if (load_word(m + p) != word) break;
     for (; p < to; p++)
         if (m[p] != b) return p;
     return to;
@@ -85,74 +83,6 @@ static uint64_t find_bad_poison(const mo_arena *a, uint64_t from, uint64_t to) {
 static int canaries_on(const mo_arena *a) { return (a->flags & MO_F_CANARIES) && a->base; }
 static int poison_on(const mo_arena *a) { return (a->flags & MO_F_POISON) && a->base; }
 
-static inline uint32_t cache_class(uint64_t span) { return (uint32_t)(span / MO_GRANULE_BYTES) - 1u; }
-
-/* A block leaves use (or the quarantine): small ones wait whole in the cache, others merge back. */
-static void retire(mo_arena *a, uint32_t idx) {
-    mo_node *n = &a->nodes[idx];
-    if (n->size <= MO_CACHE_MAX_SPAN) {
-        uint32_t c = cache_class(n->size);
-        if (a->cache_count[c] < MO_CACHE_DEPTH) {
-            n->state = MO_STATE_CACHED;
-            a->cache[c][a->cache_count[c]++] = idx;
-            a->st.cached_bytes += n->size;
-            a->st.cached_blocks++;
-            return;
-        }
-    }
-    mo_core_hash_remove(a, n->offset);
-    mo_core_release(a, idx);
-}
-
-/* First run of non-used blocks (free or quarantined) that could hold the request once the quarantine
- * is released. Sets *run to the run's first node and *start to the aligned offset. */
-static int find_gap_with_quarantine(const mo_arena *a, uint64_t span, uint64_t align, uint32_t *run,
-                                    uint64_t *start) {
-    uint32_t i = a->phys_head;
-    while (i != MO_NIL) {
-        if (a->nodes[i].state == MO_STATE_USED) {
-            i = a->nodes[i].next_phys;
-            continue;
-        }
-        uint32_t first = i;
-        uint64_t begin = a->nodes[i].offset, end = begin;
-        while (i != MO_NIL && a->nodes[i].state != MO_STATE_USED) {
-            end = a->nodes[i].offset + a->nodes[i].size;
-            i = a->nodes[i].next_phys;
-        }
-        uint64_t s = mo_round_up(begin, align);
-        if (s + span <= end) {
-            *run = first;
-            *start = s;
-            return 1;
-        }
-    }
-    return 0;
-}
-
-/* Release every held-back block (quarantined or cached) so that they can merge. */
-static void flush_held(mo_arena *a) {
-    while (a->q_count) {
-        uint32_t q = a->quarantine[a->q_head];
-        if (++a->q_head == a->q_cap) a->q_head = 0;
-        a->q_count--;
-        a->st.quarantined_bytes -= a->nodes[q].size;
-        a->st.quarantined_blocks--;
-        mo_core_hash_remove(a, a->nodes[q].offset);
-        mo_core_release(a, q);
-    }
-    for (uint32_t c = 0; c < MO_CACHE_CLASSES; c++) {
-        while (a->cache_count[c]) {
-            uint32_t i = a->cache[c][--a->cache_count[c]];
-            a->st.cached_bytes -= a->nodes[i].size;
-            a->st.cached_blocks--;
-            mo_core_hash_remove(a, a->nodes[i].offset);
-            mo_core_release(a, i);
-        }
-    }
-    a->st.quarantine_flushes++;
-}
-
 static int verify_poison(const mo_arena *a, uint64_t start, uint64_t span) {
     uint64_t bad = find_bad_poison(a, start, start + span);
     if (bad == start + span) return MO_OK;
@@ -160,6 +90,228 @@ static int verify_poison(const mo_arena *a, uint64_t start, uint64_t span) {
                    "freed memory was written after free: byte at offset %llu differs from the poison pattern "
                    "(found while reusing [%llu, %llu))",
                    (ull)bad, (ull)start, (ull)(start + span));
+}
+
+/* -- small-object slabs ----------------------------------------------------------------------------- */
+
+static inline int slab_eligible(uint64_t span, uint64_t align) {
+    return span <= MO_SLAB_MAX_SPAN && (span & (align - 1)) == 0;
+}
+
+
+static void partial_push(mo_arena *a, uint32_t si) {
+    mo_slab *s = a->slabs[si];
+    uint32_t head = a->partial[s->cls];
+    s->prev = MO_NIL;
+    s->next = head;
+    if (head != MO_NIL) a->slabs[head]->prev = si;
+    a->partial[s->cls] = si;
+}
+
+static void partial_remove(mo_arena *a, uint32_t si) {
+    mo_slab *s = a->slabs[si];
+    if (s->prev != MO_NIL) a->slabs[s->prev]->next = s->next;
+    else a->partial[s->cls] = s->next;
+    if (s->next != MO_NIL) a->slabs[s->next]->prev = s->prev;
+    s->next = s->prev = MO_NIL;
+}
+
+/* An empty slab goes back to the free lists (its slots are poisoned already, as free memory is). */
+static void release_slab(mo_arena *a, uint32_t si) {
+    mo_slab *s = a->slabs[si];
+    partial_remove(a, si);
+    a->st.cached_blocks -= s->slots;
+    a->st.cached_bytes -= (uint64_t)s->slots * s->span;
+    mo_core_hash_remove(a, s->start);
+    mo_core_release(a, s->node);
+    mo_core_slab_drop(a, si);
+}
+
+/* Slot k of slab si has just left use or the quarantine. A slab that empties while its class has
+ * another slab with a free slot goes back to the free lists; so each class keeps at most one empty
+ * slab, and a block allocated and freed in a loop does not make and unmake a slab every time. */
+static void slot_released(mo_arena *a, uint32_t si, uint32_t k) {
+    mo_slab *s = a->slabs[si];
+    s->taken_map[k >> 6] &= ~(1ull << (k & 63u));
+    a->st.cached_blocks++;
+    a->st.cached_bytes += s->span;
+    if (s->taken-- == s->slots) partial_push(a, si);
+    if (s->taken == 0 && (s->prev != MO_NIL || s->next != MO_NIL)) release_slab(a, si);
+}
+
+/* Slot k of slab s (index si), already marked taken and not held, becomes a live block of nbytes. */
+static inline __attribute__((always_inline)) void commit_slot(mo_arena *a, mo_slab *s, uint32_t si, uint32_t k,
+                                                              uint64_t nbytes, uint64_t *offset, uint64_t *span_out,
+                                                              uint64_t *serial) {
+    uint64_t span = s->span, start = s->start + k * span;
+    s->live++;
+    if ((++a->serial & 0xFFFFFFFFu) == 0) ++a->serial;
+    uint8_t *meta = mo_slot_meta(s, k);
+    meta[0] = (uint8_t)a->serial;
+    meta[1] = (uint8_t)(a->serial >> 8);
+    meta[2] = (uint8_t)(span - nbytes);
+    if (canaries_on(a)) write_canary(a, start + nbytes, start + span);
+    a->st.cached_blocks--;
+    a->st.cached_bytes -= span;
+    a->st.allocated_bytes += span;
+    a->st.requested_bytes += nbytes;
+    a->st.live_blocks++;
+    a->st.alloc_count++;
+    if (a->st.allocated_bytes > a->st.peak_bytes) a->st.peak_bytes = a->st.allocated_bytes;
+    *offset = start;
+    *span_out = span;
+    *serial = (a->serial << 32) | MO_SLOT_REF | si;
+}
+
+/* Hand out a free slot of slab si (which has one). */
+static int take_slot(mo_arena *a, uint32_t si, uint64_t nbytes, uint64_t *offset, uint64_t *span_out, uint64_t *serial) {
+    mo_slab *s = a->slabs[si];
+    uint32_t w = s->taken_map[0] == ~0ull; /* the slab has a free slot */
+    uint64_t free_bits = ~s->taken_map[w];
+    uint32_t k = w * 64u + (uint32_t)__builtin_ctzll(free_bits);
+    if (poison_on(a)) {
+        int rc = verify_poison(a, s->start + k * s->span, s->span);
+        if (rc != MO_OK) return rc;
+    }
+    s->taken_map[w] |= free_bits & -free_bits;
+    if (++s->taken == s->slots) partial_remove(a, si);
+    commit_slot(a, s, si, k, nbytes, offset, span_out, serial);
+    return MO_OK;
+}
+
+static inline uint32_t ref_slab(uint32_t ref) { return (ref & ~MO_SLOT_REF) >> MO_SLOT_BITS; }
+static inline uint32_t ref_slot(uint32_t ref) { return ref & ((1u << MO_SLOT_BITS) - 1u); }
+
+/* Hand out the slot last put in the cache of class cls (which has one). */
+static inline __attribute__((always_inline)) int take_cached(mo_arena *a, uint32_t cls, uint64_t nbytes,
+                                                             uint64_t *offset, uint64_t *span_out, uint64_t *serial) {
+    uint32_t ref = a->cache[cls][a->cache_count[cls] - 1u], si = ref_slab(ref), k = ref_slot(ref);
+    mo_slab *s = a->slabs[si];
+    if (poison_on(a)) {
+        int rc = verify_poison(a, s->start + k * s->span, s->span);
+        if (rc != MO_OK) return rc;
+    }
+    a->cache_count[cls]--;
+    commit_slot(a, s, si, k, nbytes, offset, span_out, serial);
+    return MO_OK;
+}
+
+/* Slot k of slab si, held (its held bit set), leaves use or the quarantine: onto its class's cache
+ * while that has room, else back to the slab. */
+static inline __attribute__((always_inline)) void retire_slot(mo_arena *a, uint32_t si, uint32_t k) {
+    mo_slab *s = a->slabs[si];
+    if (a->cache_count[s->cls] < MO_CACHE_DEPTH) {
+        a->cache[s->cls][a->cache_count[s->cls]++] = MO_SLOT_REF | si << MO_SLOT_BITS | k;
+        a->st.cached_blocks++;
+        a->st.cached_bytes += s->span;
+        return;
+    }
+    mo_slot_unhold(s, k);
+    slot_released(a, si, k);
+}
+
+/* Carve a new slab of class cls from free block idx at start; returns its index or MO_NIL (NOMEM). */
+static uint32_t make_slab(mo_arena *a, uint32_t cls, uint32_t idx, uint64_t start) {
+    if (mo_core_reserve(a, 2) != MO_OK) return MO_NIL;
+    uint32_t si = mo_core_slab_new(a, cls);
+    if (si == MO_NIL) return MO_NIL;
+    mo_slab *s = a->slabs[si];
+    uint64_t bytes = mo_slab_bytes(s->span);
+    mo_core_carve(a, idx, start, bytes);
+    a->nodes[idx].state = MO_STATE_SLAB;
+    a->nodes[idx].serial = si;
+    mo_core_hash_insert(a, idx);
+    s->start = start;
+    s->node = idx;
+    partial_push(a, si);
+    a->st.cached_blocks += s->slots;
+    a->st.cached_bytes += (uint64_t)s->slots * s->span;
+    if (start + bytes > a->st.high_water_bytes) a->st.high_water_bytes = start + bytes;
+    return si;
+}
+
+/* The free block that holds span bytes at align, or MO_NIL. */
+static uint32_t find_free(const mo_arena *a, uint64_t span, uint64_t align) {
+    uint64_t need = span + (align > MO_GRANULE_BYTES ? align - MO_GRANULE_BYTES : 0);
+    uint32_t idx = mo_core_find_fast(a, need);
+    return idx != MO_NIL ? idx : mo_core_find_exhaustive(a, span, align, need);
+}
+
+/* -- allocation ------------------------------------------------------------------------------------- */
+
+/* A quarantined block (node index or slot reference) leaves the quarantine for good. */
+static inline void release_ref(mo_arena *a, uint32_t ref) {
+    if (ref & MO_SLOT_REF) {
+        a->st.quarantined_bytes -= a->slabs[ref_slab(ref)]->span;
+        a->st.quarantined_blocks--;
+        retire_slot(a, ref_slab(ref), ref_slot(ref));
+    } else {
+        a->st.quarantined_bytes -= a->nodes[ref].size;
+        a->st.quarantined_blocks--;
+        mo_core_hash_remove(a, a->nodes[ref].offset);
+        mo_core_release(a, ref);
+    }
+}
+
+/* Release every held-back block: the quarantine, the slot caches, then every empty slab, so that they can merge. */
+static void flush_held(mo_arena *a) {
+    while (a->q_count) {
+        uint32_t ref = a->quarantine[a->q_head];
+        if (++a->q_head == a->q_cap) a->q_head = 0;
+        a->q_count--;
+        release_ref(a, ref);
+    }
+    for (uint32_t c = 0; c < MO_SLAB_CLASSES; c++) {
+        while (a->cache_count[c]) {
+            uint32_t ref = a->cache[c][--a->cache_count[c]];
+            mo_slab *s = a->slabs[ref_slab(ref)];
+            mo_slot_unhold(s, ref_slot(ref));
+            a->st.cached_blocks--;
+            a->st.cached_bytes -= s->span;
+            slot_released(a, ref_slab(ref), ref_slot(ref));
+        }
+    }
+    for (uint32_t c = 0; c < MO_SLAB_CLASSES; c++) {
+        for (uint32_t si = a->partial[c]; si != MO_NIL;) {
+            uint32_t next = a->slabs[si]->next;
+            if (a->slabs[si]->taken == 0) release_slab(a, si);
+            si = next;
+        }
+    }
+    a->st.quarantine_flushes++;
+}
+
+/* Whether the request would fit once flush_held ran: a slab of its class that keeps a live block and
+ * has a slot not in use, or a run of free, quarantined and emptied blocks that holds the span. */
+static int fits_after_flush(const mo_arena *a, uint64_t span, uint64_t align, int eligible) {
+    if (eligible) {
+        uint32_t cls = (uint32_t)(span / MO_GRANULE_BYTES) - 1u;
+        for (uint32_t si = 0; si < a->slab_used; si++) {
+            const mo_slab *s = a->slabs[si];
+            if (s && s->cls == cls && s->live && s->live < s->slots) return 1;
+        }
+    }
+    uint32_t i = a->phys_head;
+    while (i != MO_NIL) {
+        const mo_node *n = &a->nodes[i];
+        int gone = n->state == MO_STATE_FREE || n->state == MO_STATE_QUARANTINED ||
+                   (n->state == MO_STATE_SLAB && a->slabs[n->serial]->live == 0);
+        if (!gone) {
+            i = n->next_phys;
+            continue;
+        }
+        uint64_t begin = n->offset, end = begin;
+        while (i != MO_NIL) {
+            n = &a->nodes[i];
+            if (!(n->state == MO_STATE_FREE || n->state == MO_STATE_QUARANTINED ||
+                  (n->state == MO_STATE_SLAB && a->slabs[n->serial]->live == 0)))
+                break;
+            end = n->offset + n->size;
+            i = n->next_phys;
+        }
+        if (mo_round_up(begin, align) + span <= end) return 1;
+    }
+    return 0;
 }
 
 /* Mark block idx (already at its place, in the hash table) used for nbytes of its span. */
@@ -185,6 +337,48 @@ static inline __attribute__((always_inline)) void commit_used(mo_arena *a, uint3
     *serial = n->serial;
 }
 
+/* One attempt without releasing anything (the caller tried the slot cache): a free slot of one of the
+ * class's slabs, else a new slab, else a block of its own. MO_E_EXHAUSTED (with no message) when nothing fits; nothing changes unless MO_OK. */
+static int try_alloc(mo_arena *a, uint64_t nbytes, uint64_t span, uint64_t align, int eligible, uint64_t *offset,
+                     uint64_t *span_out, uint64_t *serial) {
+    if (eligible) {
+        uint32_t cls = (uint32_t)(span / MO_GRANULE_BYTES) - 1u;
+        if (a->partial[cls] != MO_NIL) return take_slot(a, a->partial[cls], nbytes, offset, span_out, serial);
+        /* A slab starts at a multiple of its size (which is at most the capacity, so at most align_cap). */
+        uint64_t bytes = mo_slab_bytes(span), salign = bytes;
+        uint32_t idx = MO_NIL;
+        if (bytes <= a->capacity) {
+            /* Exact-fit lists first: a slab's size is its alignment, so the hole a released slab left
+             * is found there, while the padded fast search would only look at larger blocks. */
+            uint64_t need = bytes + salign - MO_GRANULE_BYTES;
+            idx = mo_core_find_exhaustive(a, bytes, salign, need);
+            if (idx == MO_NIL) idx = mo_core_find_fast(a, need);
+        }
+        if (idx != MO_NIL) {
+            uint64_t start = mo_round_up(a->nodes[idx].offset, salign);
+            if (poison_on(a)) { /* the slot about to be handed out, before anything changes */
+                int rc = verify_poison(a, start, span);
+                if (rc != MO_OK) return rc;
+            }
+            uint32_t si = make_slab(a, cls, idx, start);
+            return si == MO_NIL ? MO_E_NOMEM : take_slot(a, si, nbytes, offset, span_out, serial);
+        }
+    }
+    uint32_t idx = find_free(a, span, align);
+    if (idx == MO_NIL) return MO_E_EXHAUSTED;
+    uint64_t start = mo_round_up(a->nodes[idx].offset, align);
+    if (poison_on(a)) {
+        int rc = verify_poison(a, start, span);
+        if (rc != MO_OK) return rc;
+    }
+    int rc = mo_core_reserve(a, 2);
+    if (rc != MO_OK) return rc;
+    mo_core_carve(a, idx, start, span);
+    mo_core_hash_insert(a, idx);
+    commit_used(a, idx, nbytes, offset, span_out, serial);
+    return MO_OK;
+}
+
 int mo_arena_alloc(mo_arena *a, uint64_t nbytes, uint64_t alignment, uint64_t *offset, uint64_t *span_out,
                    uint64_t *serial) {
     if (nbytes == 0) return mo_fail(MO_E_INVALID_ARG, "size 0 requested; ask for at least 1 byte");
@@ -200,78 +394,157 @@ int mo_arena_alloc(mo_arena *a, uint64_t nbytes, uint64_t alignment, uint64_t *o
     if (span > a->capacity)
         return mo_fail(MO_E_EXHAUSTED, "request of %llu bytes (%llu with guard bytes) exceeds the capacity of %llu bytes",
                        (ull)nbytes, (ull)span, (ull)a->capacity);
-    uint64_t need = span + (align > MO_GRANULE_BYTES ? align - MO_GRANULE_BYTES : 0);
-
-    if (span <= MO_CACHE_MAX_SPAN) {
-        uint32_t c = cache_class(span);
-        if (a->cache_count[c]) {
-            uint32_t top = a->cache[c][a->cache_count[c] - 1u];
-            if ((a->nodes[top].offset & (align - 1)) == 0) {
-                if (poison_on(a)) {
-                    int rc = verify_poison(a, a->nodes[top].offset, span);
-                    if (rc != MO_OK) return rc;
-                }
-                a->cache_count[c]--;
-                a->st.cached_bytes -= span;
-                a->st.cached_blocks--;
-                commit_used(a, top, nbytes, offset, span_out, serial);
-                return MO_OK;
-            }
-        }
+    int eligible = slab_eligible(span, align);
+    if (eligible) { /* the common case first: a slot of this span waits in the cache */
+        uint32_t cls = (uint32_t)(span / MO_GRANULE_BYTES) - 1u;
+        if (a->cache_count[cls]) return take_cached(a, cls, nbytes, offset, span_out, serial);
     }
-
-    int flush = 0;
-    uint64_t start = 0;
-    uint32_t idx = mo_core_find_fast(a, need);
-    if (idx == MO_NIL) idx = mo_core_find_exhaustive(a, span, align, need);
-    if (idx != MO_NIL) {
-        start = mo_round_up(a->nodes[idx].offset, align);
-    } else if ((a->q_count || a->st.cached_blocks) && find_gap_with_quarantine(a, span, align, &idx, &start)) {
-        flush = 1;
-    } else {
+    int rc = try_alloc(a, nbytes, span, align, eligible, offset, span_out, serial);
+    if (rc != MO_E_EXHAUSTED) return rc;
+    if (!fits_after_flush(a, span, align, eligible))
         return mo_fail(MO_E_EXHAUSTED,
                        "no free block holds %llu bytes at alignment %llu (free %llu of %llu bytes, largest free "
                        "block smaller)",
                        (ull)nbytes, (ull)alignment, (ull)(a->capacity - a->st.allocated_bytes - a->st.quarantined_bytes),
                        (ull)a->capacity);
-    }
-    if (poison_on(a)) {
-        int rc = verify_poison(a, start, span);
-        if (rc != MO_OK) return rc;
-    }
-    int rc = mo_core_reserve(a, 2);
-    if (rc != MO_OK) return rc;
-
-    /* Nothing below can fail. */
-    if (flush) flush_held(a);
-    mo_core_carve(a, idx, start, span);
-    mo_core_hash_insert(a, idx);
-    commit_used(a, idx, nbytes, offset, span_out, serial);
-    return MO_OK;
+    /* Fits once the held-back blocks merge. Only a failure to get host memory, or poison damage found
+     * in the memory about to be handed out, can still stop it; the flush itself stays done then. */
+    flush_held(a);
+    rc = try_alloc(a, nbytes, span, align, eligible, offset, span_out, serial);
+    return rc == MO_E_EXHAUSTED ? mo_fail(MO_E_CORRUPTION, "metadata invariant broken: a flush did not make room") : rc;
 }
 
-static uint32_t find_containing(const mo_arena *a, uint64_t offset) {
+/* -- free ------------------------------------------------------------------------------------------- */
+
+/* Put a just-freed block (node index or slot reference) in quarantine, evicting the oldest entry. */
+static inline __attribute__((always_inline)) void quarantine_push(mo_arena *a, uint32_t ref) {
+    if (a->q_count == a->q_cap) {
+        uint32_t old = a->quarantine[a->q_head];
+        if (++a->q_head == a->q_cap) a->q_head = 0;
+        a->q_count--;
+        release_ref(a, old);
+    }
+    uint32_t tail = a->q_head + a->q_count; /* a ring index; no division on this path */
+    a->quarantine[tail >= a->q_cap ? tail - a->q_cap : tail] = ref;
+    a->q_count++;
+}
+
+static const mo_node *find_containing(const mo_arena *a, uint64_t offset) {
     for (uint32_t i = a->phys_head; i != MO_NIL; i = a->nodes[i].next_phys)
-        if (offset < a->nodes[i].offset + a->nodes[i].size) return i;
-    return MO_NIL;
+        if (offset < a->nodes[i].offset + a->nodes[i].size) return &a->nodes[i];
+    return NULL;
 }
 
 static int classify_unknown_free(const mo_arena *a, uint64_t offset, uint64_t serial) {
     if ((serial >> 32) != 0 && (serial >> 32) <= a->serial)
         return mo_fail(MO_E_DOUBLE_FREE, "block at offset %llu (allocation #%llu) was already freed", (ull)offset,
-                       (ull)serial);
-    uint32_t c = find_containing(a, offset);
-    const mo_node *n = &a->nodes[c];
+                       (ull)(serial >> 32));
+    const mo_node *n = find_containing(a, offset);
     uint64_t end = n->offset + n->size;
     if (n->state == MO_STATE_USED)
         return mo_fail(MO_E_INVALID_FREE,
                        "offset %llu is inside the live block [%llu, %llu), not its start (an interior offset)",
                        (ull)offset, (ull)n->offset, (ull)end);
-    if (n->state == MO_STATE_QUARANTINED || n->state == MO_STATE_CACHED)
-        return mo_fail(MO_E_INVALID_FREE, "offset %llu is inside the freed block [%llu, %llu)",
-                       (ull)offset, (ull)n->offset, (ull)end);
+    if (n->state == MO_STATE_QUARANTINED)
+        return mo_fail(MO_E_INVALID_FREE, "offset %llu is inside the freed block [%llu, %llu)", (ull)offset, (ull)n->offset,
+                       (ull)end);
+    if (n->state == MO_STATE_SLAB)
+        return mo_fail(MO_E_INVALID_FREE,
+                       "offset %llu is not a live block: it lies in the small-object slab [%llu, %llu) of %u-byte "
+                       "slots, inside a slot or in a free one",
+                       (ull)offset, (ull)n->offset, (ull)end, (unsigned)a->slabs[n->serial]->span);
     return mo_fail(MO_E_INVALID_FREE, "offset %llu was never returned by this arena (it lies in free space [%llu, %llu))",
                    (ull)offset, (ull)n->offset, (ull)end);
+}
+
+/* The slot of slab si that starts at offset, or -1 (inside a slot, or past the last one). */
+static inline int slot_at(const mo_slab *s, uint64_t offset) {
+    uint64_t diff = offset - s->start;
+    if (offset < s->start || diff >= (uint64_t)s->slots * s->span) return -1; /* also the tail past the last slot */
+    uint32_t k = (uint32_t)((diff * mo_slab_recip[s->cls]) >> 32);
+    return (uint64_t)k * s->span == diff ? (int)k : -1;
+}
+
+/* What starts at offset, found without the serial: a block of the core (*node) or a slab slot (*si, *k);
+ * 0 when neither. */
+static int locate_by_offset(const mo_arena *a, uint64_t offset, uint32_t *node, uint32_t *si, int *k) {
+    uint32_t idx = mo_core_hash_find(a, offset);
+    /* Not a block's start: it may be a slot inside a slab, which starts at a multiple of its size. */
+    for (uint64_t bytes = MO_SLAB_MIN_BYTES; idx == MO_NIL && bytes <= MO_SLAB_MAX_BYTES; bytes <<= 1) {
+        uint64_t candidate = offset & ~(bytes - 1);
+        if (candidate == offset) continue;
+        uint32_t i = mo_core_hash_find(a, candidate);
+        if (i != MO_NIL && a->nodes[i].state == MO_STATE_SLAB && a->nodes[i].size == bytes) idx = i;
+    }
+    if (idx == MO_NIL) return 0;
+    if (a->nodes[idx].state != MO_STATE_SLAB) {
+        *node = idx;
+        return 1;
+    }
+    *si = (uint32_t)a->nodes[idx].serial;
+    *k = slot_at(a->slabs[*si], offset);
+    return *k >= 0;
+}
+
+/* What starts at offset: a block of the core (*node) or a slab slot (*si, *k); 0 when neither. The
+ * serial, when it names the block's node or slab, spares the hash-table probes. */
+static inline __attribute__((always_inline)) int locate(const mo_arena *a, uint64_t offset, uint64_t serial,
+                                                        uint32_t *node, uint32_t *si, int *k) {
+    uint32_t low = (uint32_t)serial;
+    *node = *si = MO_NIL;
+    if (serial && (low & MO_SLOT_REF)) {
+        uint32_t i = low & ~MO_SLOT_REF;
+        if (i < a->slab_used && a->slabs[i] && (*k = slot_at(a->slabs[i], offset)) >= 0) {
+            *si = i;
+            return 1;
+        }
+    } else if (serial && low < a->node_used && a->nodes[low].state == MO_STATE_USED && a->nodes[low].offset == offset) {
+        *node = low;
+        return 1;
+    }
+    return locate_by_offset(a, offset, node, si, k);
+}
+
+static int guard_broken(const mo_arena *a, uint64_t offset, uint64_t nbytes, uint64_t span) {
+    uint64_t bad = find_bad_canary(a, offset + nbytes, offset + span);
+    return mo_fail(MO_E_CORRUPTION,
+                   "guard canary of block [%llu, %llu) overwritten at offset %llu, %llu byte(s) past its %llu requested "
+                   "bytes: a buffer overflow",
+                   (ull)offset, (ull)(offset + nbytes), (ull)bad, (ull)(bad - offset - nbytes + 1), (ull)nbytes);
+}
+
+static inline __attribute__((always_inline)) int free_slot(mo_arena *a, uint32_t si, uint32_t k, uint64_t offset,
+                                                           uint64_t serial) {
+    mo_slab *s = a->slabs[si];
+    if (mo_slot_held(s, k))
+        return mo_fail(MO_E_DOUBLE_FREE, "block at offset %llu was already freed (it is still in quarantine or waiting for "
+                       "reuse)", (ull)offset);
+    if (!mo_slot_taken(s, k)) return classify_unknown_free(a, offset, serial);
+    if (serial && ((uint32_t)serial != (MO_SLOT_REF | si) || (uint16_t)(serial >> 32) != mo_slot_gen(s, k)))
+        return mo_fail(MO_E_DOUBLE_FREE,
+                       "block at offset %llu (allocation #%llu) was already freed; the offset now holds another block",
+                       (ull)offset, (ull)(serial >> 32));
+    uint64_t span = s->span, nbytes = span - mo_slot_slack(s, k);
+    if (canaries_on(a) && find_bad_canary(a, offset + nbytes, offset + span) != offset + span)
+        return guard_broken(a, offset, nbytes, span);
+
+    /* Nothing below can fail. */
+    if (poison_on(a)) memset(a->base + offset, a->poison_byte, span);
+    a->st.allocated_bytes -= span;
+    a->st.requested_bytes -= nbytes;
+    a->st.live_blocks--;
+    a->st.free_count++;
+    s->live--;
+    /* The slot stays taken while held, so the eviction the push may do cannot empty (and drop) this slab. */
+    mo_slot_hold(s, k);
+    if (a->q_cap == 0) {
+        retire_slot(a, si, k);
+        return MO_OK;
+    }
+    a->st.quarantined_bytes += span;
+    a->st.quarantined_blocks++;
+    quarantine_push(a, MO_SLOT_REF | si << MO_SLOT_BITS | k);
+    return MO_OK;
 }
 
 int mo_arena_free(mo_arena *a, uint64_t offset, uint64_t serial) {
@@ -281,30 +554,20 @@ int mo_arena_free(mo_arena *a, uint64_t offset, uint64_t serial) {
     if (offset % MO_GRANULE_BYTES)
         return mo_fail(MO_E_INVALID_FREE, "offset %llu was never returned by this arena (blocks start at multiples of %u)",
                        (ull)offset, MO_GRANULE_BYTES);
-    uint32_t idx = (uint32_t)serial;
-    if (!(serial && idx < a->node_used && a->nodes[idx].state == MO_STATE_USED && a->nodes[idx].serial == serial &&
-          a->nodes[idx].offset == offset)) {
-        idx = mo_core_hash_find(a, offset);
-        if (idx == MO_NIL) return classify_unknown_free(a, offset, serial);
-    }
+    uint32_t idx, si;
+    int k;
+    if (!locate(a, offset, serial, &idx, &si, &k)) return classify_unknown_free(a, offset, serial);
+    if (si != MO_NIL) return free_slot(a, si, (uint32_t)k, offset, serial);
     mo_node *n = &a->nodes[idx];
-    if (n->state == MO_STATE_QUARANTINED || n->state == MO_STATE_CACHED)
-        return mo_fail(MO_E_DOUBLE_FREE, "block at offset %llu was already freed%s", (ull)offset,
-                       n->state == MO_STATE_QUARANTINED ? " (it is still in quarantine)" : "");
+    if (n->state == MO_STATE_QUARANTINED)
+        return mo_fail(MO_E_DOUBLE_FREE, "block at offset %llu was already freed (it is still in quarantine)", (ull)offset);
     if (serial != 0 && serial != n->serial)
         return mo_fail(MO_E_DOUBLE_FREE,
                        "block at offset %llu (allocation #%llu) was already freed; the offset now holds allocation #%llu",
-                       (ull)offset, (ull)serial, (ull)n->serial);
+                       (ull)offset, (ull)(serial >> 32), (ull)(n->serial >> 32));
     uint64_t nbytes = n->size - n->slack;
-    if (canaries_on(a)) {
-        uint64_t end = n->offset + n->size;
-        uint64_t bad = find_bad_canary(a, offset + nbytes, end);
-        if (bad != end)
-            return mo_fail(MO_E_CORRUPTION,
-                           "guard canary of block [%llu, %llu) overwritten at offset %llu, %llu byte(s) past its "
-                           "%llu requested bytes: a buffer overflow",
-                           (ull)offset, (ull)(offset + nbytes), (ull)bad, (ull)(bad - offset - nbytes + 1), (ull)nbytes);
-    }
+    if (canaries_on(a) && find_bad_canary(a, offset + nbytes, offset + n->size) != offset + n->size)
+        return guard_broken(a, offset, nbytes, n->size);
 
     /* Nothing below can fail: releasing blocks only returns nodes to the pool. */
     if (poison_on(a)) memset(a->base + offset, a->poison_byte, n->size);
@@ -313,43 +576,48 @@ int mo_arena_free(mo_arena *a, uint64_t offset, uint64_t serial) {
     a->st.live_blocks--;
     a->st.free_count++;
     if (a->q_cap == 0) {
-        retire(a, idx);
+        mo_core_hash_remove(a, offset);
+        mo_core_release(a, idx);
         return MO_OK;
     }
-    if (a->q_count == a->q_cap) {
-        uint32_t old = a->quarantine[a->q_head];
-        if (++a->q_head == a->q_cap) a->q_head = 0;
-        a->q_count--;
-        a->st.quarantined_bytes -= a->nodes[old].size;
-        a->st.quarantined_blocks--;
-        retire(a, old);
-        n = &a->nodes[idx];
-    }
     n->state = MO_STATE_QUARANTINED;
-    uint32_t tail = a->q_head + a->q_count; /* a ring index; no division on this path */
-    a->quarantine[tail >= a->q_cap ? tail - a->q_cap : tail] = idx;
-    a->q_count++;
     a->st.quarantined_bytes += n->size;
     a->st.quarantined_blocks++;
+    quarantine_push(a, idx);
     return MO_OK;
 }
 
 int mo_arena_query(const mo_arena *a, uint64_t offset, uint64_t serial, uint64_t *nbytes, uint64_t *span) {
-    uint32_t idx = offset < a->capacity ? mo_core_hash_find(a, offset) : MO_NIL;
-    if (idx == MO_NIL || a->nodes[idx].state != MO_STATE_USED || (serial && serial != a->nodes[idx].serial))
-        return mo_fail(MO_E_INVALID_FREE, "no live block starts at offset %llu (it was freed or never allocated)",
-                       (ull)offset);
-    *nbytes = a->nodes[idx].size - a->nodes[idx].slack;
-    *span = a->nodes[idx].size;
-    return MO_OK;
+    uint32_t idx, si;
+    int k;
+    if (offset < a->capacity && offset % MO_GRANULE_BYTES == 0 && locate(a, offset, serial, &idx, &si, &k)) {
+        if (si != MO_NIL) {
+            mo_slab *s = a->slabs[si];
+            if (mo_slot_live(s, (uint32_t)k) &&
+                (!serial || ((uint32_t)serial == (MO_SLOT_REF | si) && (uint16_t)(serial >> 32) == mo_slot_gen(s, (uint32_t)k)))) {
+                *span = s->span;
+                *nbytes = s->span - mo_slot_slack(s, (uint32_t)k);
+                return MO_OK;
+            }
+        } else if (a->nodes[idx].state == MO_STATE_USED && (!serial || serial == a->nodes[idx].serial)) {
+            *nbytes = a->nodes[idx].size - a->nodes[idx].slack;
+            *span = a->nodes[idx].size;
+            return MO_OK;
+        }
+    }
+    return mo_fail(MO_E_INVALID_FREE, "no live block starts at offset %llu (it was freed or never allocated)",
+                   (ull)offset);
 }
-
 #define BROKEN(...) return mo_fail(MO_E_CORRUPTION, "metadata invariant broken: " __VA_ARGS__)
 
 static int check_free_lists(const mo_arena *a, uint64_t free_blocks) {
     uint64_t listed = 0;
     for (uint32_t fl = 0; fl < MO_FL_COUNT; fl++) {
         if (((a->fl_bitmap >> fl) & 1u) != (a->sl_bitmap[fl] != 0)) BROKEN("first-level bitmap bit %u is wrong", fl);
+        if (fl >= a->fl_count) {
+            if (a->sl_bitmap[fl]) BROKEN("free list of first level %u, beyond the capacity's %u", fl, a->fl_count);
+            continue;
+        }
         for (uint32_t sl = 0; sl < MO_SL_COUNT; sl++) {
             uint32_t head = a->heads[fl][sl];
             if (((a->sl_bitmap[fl] >> sl) & 1u) != (head != MO_NIL)) BROKEN("bitmap bit of list (%u, %u) is wrong", fl, sl);
@@ -371,9 +639,69 @@ static int check_free_lists(const mo_arena *a, uint64_t free_blocks) {
     return MO_OK;
 }
 
+static int check_canary(const mo_arena *a, uint64_t offset, uint64_t nbytes, uint64_t span) {
+    /* find_bad_canary reads whole words: it needs the guard the allocation reserved. */
+    if (span - nbytes < MO_CANARY_MIN_BYTES)
+        BROKEN("block at offset %llu has slack %llu, no room for its canary", (ull)offset, (ull)(span - nbytes));
+    uint64_t bad = find_bad_canary(a, offset + nbytes, offset + span);
+    if (bad == offset + span) return MO_OK;
+    return mo_fail(MO_E_CORRUPTION, "guard canary of block [%llu, %llu) overwritten at offset %llu: a buffer overflow",
+                   (ull)offset, (ull)(offset + nbytes), (ull)bad);
+}
+
+static int check_freed(const mo_arena *a, uint64_t start, uint64_t end) {
+    uint64_t bad = find_bad_poison(a, start, end);
+    if (bad == end) return MO_OK;
+    return mo_fail(MO_E_CORRUPTION,
+                   "freed memory was written after free: byte at offset %llu (in freed block [%llu, %llu)) differs "
+                   "from the poison pattern",
+                   (ull)bad, (ull)start, (ull)end);
+}
+
+/* One slab: its record, bitmaps, per-slot data, guard words and poison. Adds to the walk's counts. */
+static int check_slab(const mo_arena *a, uint32_t i, uint64_t counts[5]) {
+    const mo_node *n = &a->nodes[i];
+    uint64_t si = n->serial;
+    if (si >= a->slab_used || !a->slabs[si]) BROKEN("slab block at offset %llu names slab record %llu", (ull)n->offset, (ull)si);
+    mo_slab *s = a->slabs[si];
+    if (s->node != i || s->start != n->offset || s->span != (s->cls + 1u) * MO_GRANULE_BYTES ||
+        s->slots != mo_slab_bytes(s->span) / s->span || n->size != mo_slab_bytes(s->span) ||
+        n->offset % n->size)
+        BROKEN("slab record %llu disagrees with its block at offset %llu", (ull)si, (ull)n->offset);
+    uint32_t tail = s->slots & 63u;
+    if ((s->taken_map[s->slots >> 6] >> tail) != ~0ull >> tail || (s->slots < 64u && s->taken_map[1] != ~0ull))
+        BROKEN("slab at offset %llu lost the marks past its last slot", (ull)n->offset);
+    uint64_t live = 0, taken = 0;
+    for (uint32_t k = 0; k < s->slots; k++) {
+        uint64_t start = s->start + (uint64_t)k * s->span, nbytes = s->span - mo_slot_slack(s, k);
+        int is_held = mo_slot_held(s, k), is_used = mo_slot_taken(s, k) && !is_held;
+        if (is_held && !mo_slot_taken(s, k)) BROKEN("slot at offset %llu is held back but not taken", (ull)start);
+        if (is_used) {
+            if (mo_slot_slack(s, k) >= MO_GRANULE_BYTES + MO_CANARY_MIN_BYTES)
+                BROKEN("block at offset %llu has slack %u", (ull)start, mo_slot_slack(s, k));
+            live++;
+            counts[1] += s->span;
+            counts[2] += nbytes;
+            if (canaries_on(a) && check_canary(a, start, nbytes, s->span) != MO_OK) return MO_E_CORRUPTION;
+        } else {
+            counts[is_held ? 3 : 4]++; /* quarantined or free; bytes follow from the span */
+            if (poison_on(a) && check_freed(a, start, start + s->span) != MO_OK) return MO_E_CORRUPTION;
+        }
+        taken += is_used || is_held;
+    }
+    if (live != s->live || taken != s->taken)
+        BROKEN("slab at offset %llu counts %u live and %u taken slots, has %llu and %llu", (ull)n->offset, s->live,
+               s->taken, (ull)live, (ull)taken);
+    if (poison_on(a) && check_freed(a, s->start + (uint64_t)s->slots * s->span, s->start + n->size) != MO_OK)
+        return MO_E_CORRUPTION;
+    counts[0] += live;
+    return MO_OK;
+}
+
 int mo_arena_check(const mo_arena *a) {
-    uint64_t expect = 0, steps = 0, used = 0, quarantined = 0, free_blocks = 0;
-    uint64_t allocated = 0, requested = 0, quarantined_bytes = 0, cached = 0, cached_bytes = 0;
+    uint64_t expect = 0, steps = 0, used = 0, quarantined = 0, free_blocks = 0, slabs = 0;
+    uint64_t allocated = 0, requested = 0, quarantined_bytes = 0, free_slots = 0, free_slot_bytes = 0;
+    uint64_t held_slots = 0, held_slot_bytes = 0; /* slab slots in quarantine or in the slot cache */
     uint32_t prev = MO_NIL;
     for (uint32_t i = a->phys_head; i != MO_NIL; i = a->nodes[i].next_phys) {
         if (i >= a->node_used || ++steps > a->node_used) BROKEN("block chain leaves the node pool or loops");
@@ -387,7 +715,23 @@ int mo_arena_check(const mo_arena *a) {
             if (prev != MO_NIL && a->nodes[prev].state == MO_STATE_FREE)
                 BROKEN("free blocks at %llu and before it were not merged", (ull)n->offset);
             free_blocks++;
-        } else if (n->state == MO_STATE_USED || n->state == MO_STATE_QUARANTINED || n->state == MO_STATE_CACHED) {
+            if (poison_on(a) && check_freed(a, n->offset, end) != MO_OK) return MO_E_CORRUPTION;
+        } else if (n->state == MO_STATE_SLAB) {
+            if (mo_core_hash_find(a, n->offset) != i) BROKEN("slab at offset %llu is missing from the hash table", (ull)n->offset);
+            if (end > a->st.high_water_bytes) BROKEN("slab at offset %llu ends above the high-water mark", (ull)n->offset);
+            uint64_t counts[5] = {0};
+            int rc = check_slab(a, i, counts);
+            if (rc != MO_OK) return rc;
+            const mo_slab *s = a->slabs[n->serial];
+            used += counts[0];
+            allocated += counts[1];
+            requested += counts[2];
+            held_slots += counts[3];
+            held_slot_bytes += counts[3] * s->span;
+            free_slots += counts[4];
+            free_slot_bytes += counts[4] * s->span;
+            slabs++;
+        } else if (n->state == MO_STATE_USED || n->state == MO_STATE_QUARANTINED) {
             if (mo_core_hash_find(a, n->offset) != i) BROKEN("block at offset %llu is missing from the hash table", (ull)n->offset);
             if ((uint32_t)n->serial != i || (n->serial >> 32) == 0 || (a->serial < (1ull << 32) && (n->serial >> 32) > a->serial))
                 BROKEN("block at offset %llu has serial %llu", (ull)n->offset, (ull)n->serial);
@@ -398,34 +742,14 @@ int mo_arena_check(const mo_arena *a) {
                 allocated += n->size;
                 requested += n->size - n->slack;
                 if (end > a->st.high_water_bytes) BROKEN("block at offset %llu ends above the high-water mark", (ull)n->offset);
-            } else if (n->state == MO_STATE_QUARANTINED) {
+                if (canaries_on(a) && check_canary(a, n->offset, n->size - n->slack, n->size) != MO_OK) return MO_E_CORRUPTION;
+            } else {
                 quarantined++;
                 quarantined_bytes += n->size;
-            } else {
-                if (n->size > MO_CACHE_MAX_SPAN) BROKEN("cached block at offset %llu is too large", (ull)n->offset);
-                cached++;
-                cached_bytes += n->size;
+                if (poison_on(a) && check_freed(a, n->offset, end) != MO_OK) return MO_E_CORRUPTION;
             }
         } else {
             BROKEN("block at offset %llu has state %u", (ull)n->offset, n->state);
-        }
-        if (n->state == MO_STATE_USED && canaries_on(a)) {
-            /* find_bad_canary reads whole words: it needs the guard the allocation reserved. */
-            if (n->slack < MO_CANARY_MIN_BYTES)
-                BROKEN("block at offset %llu has slack %u, no room for its canary", (ull)n->offset, n->slack);
-            uint64_t from = end - n->slack, bad = find_bad_canary(a, from, end);
-            if (bad != end)
-                return mo_fail(MO_E_CORRUPTION,
-                               "guard canary of block [%llu, %llu) overwritten at offset %llu: a buffer overflow",
-                               (ull)n->offset, (ull)from, (ull)bad);
-        }
-        if (n->state != MO_STATE_USED && poison_on(a)) {
-            uint64_t bad = find_bad_poison(a, n->offset, end);
-            if (bad != end)
-                return mo_fail(MO_E_CORRUPTION,
-                               "freed memory was written after free: byte at offset %llu (in freed block [%llu, %llu)) "
-                               "differs from the poison pattern",
-                               (ull)bad, (ull)n->offset, (ull)end);
         }
         expect = end;
         prev = i;
@@ -433,35 +757,94 @@ int mo_arena_check(const mo_arena *a) {
     if (expect != a->capacity) BROKEN("blocks cover %llu of %llu bytes", (ull)expect, (ull)a->capacity);
     int rc = check_free_lists(a, free_blocks);
     if (rc != MO_OK) return rc;
-    if (a->hash_count != used + quarantined + cached)
-        BROKEN("hash table holds %llu blocks, chain has %llu live, %llu quarantined and %llu cached",
-               (ull)a->hash_count, (ull)used, (ull)quarantined, (ull)cached);
-    uint64_t stacked = 0;
-    for (uint32_t c = 0; c < MO_CACHE_CLASSES; c++) {
-        if (a->cache_count[c] > MO_CACHE_DEPTH) BROKEN("cache %u holds %u blocks", c, a->cache_count[c]);
-        for (uint32_t k = 0; k < a->cache_count[c]; k++) {
-            uint32_t i = a->cache[c][k];
-            if (i >= a->node_used || a->nodes[i].state != MO_STATE_CACHED || cache_class(a->nodes[i].size) != c)
-                BROKEN("cache %u slot %u names a block that is not cached there", c, k);
-            for (uint32_t m = 0; m < k; m++)
-                if (a->cache[c][m] == i) BROKEN("block at offset %llu is cached twice", (ull)a->nodes[i].offset);
+    if (a->hash_count != steps - free_blocks)
+        BROKEN("hash table holds %llu blocks, the chain %llu that are not free", (ull)a->hash_count, (ull)(steps - free_blocks));
+    /* Slab records: each live one is chained; each class list holds exactly its slabs with a free slot
+     * (at most one of them empty), linked both ways. */
+    uint64_t records = 0, listed = 0;
+    for (uint32_t si = 0; si < a->slab_used; si++) records += a->slabs[si] != NULL;
+    if (records != slabs || records + a->slab_spare_count != a->slab_used)
+        BROKEN("%llu slab records, %llu slabs in the chain, %u spare of %u", (ull)records, (ull)slabs, a->slab_spare_count,
+               a->slab_used);
+    for (uint32_t c = 0; c < MO_SLAB_CLASSES; c++) {
+        uint32_t back = MO_NIL, empty = 0;
+        for (uint32_t si = a->partial[c]; si != MO_NIL; si = a->slabs[si]->next) {
+            if (si >= a->slab_used || !a->slabs[si] || ++listed > records) BROKEN("slab list %u is broken or loops", c);
+            const mo_slab *s = a->slabs[si];
+            if (s->cls != c || s->prev != back || s->taken == s->slots)
+                BROKEN("slab at offset %llu is in the wrong list, has a bad back link or no free slot", (ull)s->start);
+            empty += s->taken == 0;
+            back = si;
         }
-        stacked += a->cache_count[c];
+        if (empty > 1) BROKEN("class of %u-byte slots keeps %u empty slabs", (c + 1) * MO_GRANULE_BYTES, empty);
     }
-    if (stacked != cached) BROKEN("caches hold %llu blocks, chain %llu", (ull)stacked, (ull)cached);
-    if (a->q_count != quarantined || a->q_count > a->q_cap) BROKEN("quarantine ring holds %u blocks, chain %llu", a->q_count, (ull)quarantined);
+    uint64_t with_free = 0;
+    for (uint32_t si = 0; si < a->slab_used; si++)
+        if (a->slabs[si]) with_free += a->slabs[si]->taken != a->slabs[si]->slots;
+    if (with_free != listed) BROKEN("%llu slabs have a free slot but %llu are listed", (ull)with_free, (ull)listed);
+    /* The held slots are exactly the quarantine's slot entries and the caches' entries, each once. */
+    if (a->q_count > a->q_cap) BROKEN("quarantine ring holds %u of %u blocks", a->q_count, a->q_cap);
+    uint64_t queued_slots = 0, queued_slot_bytes = 0, cached = 0, cached_bytes = 0;
     for (uint32_t k = 0; k < a->q_count; k++) {
-        uint32_t q = a->quarantine[(a->q_head + k) % a->q_cap];
-        if (q >= a->node_used || a->nodes[q].state != MO_STATE_QUARANTINED) BROKEN("quarantine slot %u names a block not in quarantine", k);
+        uint32_t ref = a->quarantine[(a->q_head + k) % a->q_cap];
+        if (ref & MO_SLOT_REF) {
+            uint32_t si = ref_slab(ref), slot = ref_slot(ref);
+            if (si >= a->slab_used || !a->slabs[si] || slot >= a->slabs[si]->slots || !mo_slot_held(a->slabs[si], slot))
+                BROKEN("quarantine slot %u names a slab slot not held back", k);
+            queued_slots++;
+            queued_slot_bytes += a->slabs[si]->span;
+        } else if (ref >= a->node_used || a->nodes[ref].state != MO_STATE_QUARANTINED) {
+            BROKEN("quarantine slot %u names a block not in quarantine", k);
+        }
+        for (uint32_t m = 0; m < k; m++)
+            if (a->quarantine[(a->q_head + m) % a->q_cap] == ref) BROKEN("quarantine holds entry %u twice", ref);
+    }
+    if (a->q_count != quarantined + queued_slots)
+        BROKEN("quarantine ring holds %u blocks, the arena %llu", a->q_count, (ull)(quarantined + queued_slots));
+    quarantined += queued_slots;
+    quarantined_bytes += queued_slot_bytes;
+    for (uint32_t c = 0; c < MO_SLAB_CLASSES; c++) {
+        if (a->cache_count[c] > MO_CACHE_DEPTH) BROKEN("slot cache %u holds %u entries", c, a->cache_count[c]);
+        for (uint32_t k = 0; k < a->cache_count[c]; k++) {
+            uint32_t ref = a->cache[c][k], si = ref_slab(ref), slot = ref_slot(ref);
+            if (!(ref & MO_SLOT_REF) || si >= a->slab_used || !a->slabs[si] || a->slabs[si]->cls != c ||
+                slot >= a->slabs[si]->slots || !mo_slot_held(a->slabs[si], slot))
+                BROKEN("slot cache %u entry %u names a slot that is not held back in a slab of its class", c, k);
+            for (uint32_t m = 0; m < k; m++)
+                if (a->cache[c][m] == ref) BROKEN("slot cache %u holds entry %u twice", c, ref);
+            for (uint32_t q = 0; q < a->q_count; q++)
+                if (a->quarantine[(a->q_head + q) % a->q_cap] == ref) BROKEN("slot %u is both cached and in quarantine", ref);
+            cached++;
+            cached_bytes += a->slabs[si]->span;
+        }
+    }
+    if (queued_slots + cached != held_slots || queued_slot_bytes + cached_bytes != held_slot_bytes)
+        BROKEN("%llu slab slots are held back, the quarantine and caches name %llu", (ull)held_slots, (ull)(queued_slots + cached));
+    if (a->q_cap ? a->q_head >= a->q_cap : a->q_head != 0) BROKEN("quarantine ring head %u of %u", a->q_head, a->q_cap);
+    /* Spare slab indices name empty record slots, each once: a duplicate would hand one out twice. */
+    for (uint32_t k = 0; k < a->slab_spare_count; k++) {
+        uint32_t si = a->slab_spare[k];
+        if (si >= a->slab_used || a->slabs[si]) BROKEN("spare slab index %u is out of range or names a live record", si);
+    }
+    if (a->slab_spare_count) {
+        uint8_t *seen = calloc(a->slab_used, 1);
+        if (seen) {
+            uint32_t twice = MO_NIL;
+            for (uint32_t k = 0; k < a->slab_spare_count && twice == MO_NIL; k++)
+                if (seen[a->slab_spare[k]]++) twice = a->slab_spare[k];
+            free(seen);
+            if (twice != MO_NIL) BROKEN("spare slab index %u is listed twice", twice);
+        }
     }
     if (a->spare_count + (uint64_t)steps != a->node_used) BROKEN("%u spare and %llu chained nodes of %u", a->spare_count, (ull)steps, a->node_used);
     const mo_stats_t *s = &a->st;
     if (s->allocated_bytes != allocated || s->requested_bytes != requested || s->live_blocks != used ||
         s->quarantined_bytes != quarantined_bytes || s->quarantined_blocks != quarantined || s->free_blocks != free_blocks ||
-        s->cached_bytes != cached_bytes || s->cached_blocks != cached)
+        s->cached_bytes != free_slot_bytes + cached_bytes || s->cached_blocks != free_slots + cached)
         BROKEN("counters disagree with the blocks (allocated %llu vs %llu, live %llu vs %llu)", (ull)s->allocated_bytes,
                (ull)allocated, (ull)s->live_blocks, (ull)used);
     if (s->peak_bytes < allocated) BROKEN("peak %llu below allocated %llu", (ull)s->peak_bytes, (ull)allocated);
+    if (s->metadata_bytes != mo_core_metadata_bytes(a)) BROKEN("metadata counter %llu, actual %llu", (ull)s->metadata_bytes, (ull)mo_core_metadata_bytes(a));
     return MO_OK;
 }
 

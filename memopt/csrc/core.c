@@ -1,8 +1,9 @@
 /*
  * The TLSF core: segregated free lists with two-level bitmaps (O(1) search), a pool of block
- * descriptors addressed by index, and the offset -> block hash table. Nothing here locks or
- * validates; arena.c decides what is allowed and api.c serialises calls.
+ * descriptors addressed by index, the offset -> block hash table, and the records of small-object
+ * slabs. Nothing here locks or validates; arena.c decides what is allowed and api.c serialises calls.
  */
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -35,12 +36,13 @@ static inline uint64_t hash_home(uint32_t bits, uint64_t key) {
 }
 
 uint64_t mo_core_metadata_bytes(const mo_arena *a) {
-    return (uint64_t)sizeof(mo_arena) + (uint64_t)a->node_cap * sizeof(mo_node) +
+    return (uint64_t)sizeof(mo_arena) + (uint64_t)a->fl_count * sizeof(*a->heads) + (uint64_t)a->node_cap * sizeof(mo_node) +
            ((uint64_t)1 << a->hash_bits) * (sizeof(uint64_t) + sizeof(uint32_t)) +
-           (uint64_t)a->q_cap * sizeof(uint32_t);
+           (uint64_t)a->q_cap * sizeof(uint32_t) +
+           (uint64_t)a->slab_cap * (sizeof(mo_slab *) + sizeof(uint32_t)) + a->slab_bytes;
 }
 
-static void note_metadata(mo_arena *a) {
+void mo_core_note_metadata(mo_arena *a) {
     a->st.metadata_bytes = mo_core_metadata_bytes(a);
     if (a->st.metadata_bytes > a->st.peak_metadata_bytes) a->st.peak_metadata_bytes = a->st.metadata_bytes;
 }
@@ -98,20 +100,24 @@ static int hash_rebuild(mo_arena *a, uint32_t bits) {
 int mo_core_reserve(mo_arena *a, uint32_t nodes_needed) {
     uint64_t available = (uint64_t)(a->node_cap - a->node_used) + a->spare_count;
     if (available < nodes_needed) {
-        uint64_t cap = (uint64_t)a->node_cap * 2;
+        /* Grow by a quarter: the array is metadata, and a doubling leaves up to half of it unused. */
+        uint64_t cap = (uint64_t)a->node_cap + a->node_cap / 4;
         if (cap < (uint64_t)a->node_used + nodes_needed) cap = (uint64_t)a->node_used + nodes_needed;
-        if (cap >= MO_NIL) return mo_fail(MO_E_NOMEM, "more than %u blocks in one arena", MO_NIL - 1);
+        /* Node indices stay below MO_SLOT_REF, so a serial's low half tells a node from a slab slot. */
+        if (cap >= MO_SLOT_REF) return mo_fail(MO_E_NOMEM, "more than %u blocks in one arena", MO_SLOT_REF - 1);
         mo_node *grown = realloc(a->nodes, (size_t)cap * sizeof(mo_node));
         if (!grown) return mo_fail(MO_E_NOMEM, "no host memory for %llu block descriptors", (unsigned long long)cap);
         a->nodes = grown;
         a->node_cap = (uint32_t)cap;
+        mo_core_note_metadata(a); /* grown for good, even if the hash rebuild below fails */
     }
-    /* Load factor at most 1/2 keeps linear probes short. */
-    if ((a->hash_count + 1) * 2 > ((uint64_t)1 << a->hash_bits)) {
+    /* Load factor at most 3/4: linear probes stay short (about 2.5 slots for a hit), and the table
+     * costs at most 32 bytes a block (slabs, not their slots, are its entries for small blocks). */
+    if ((a->hash_count + 1) * 4 > ((uint64_t)3 << a->hash_bits)) {
         int rc = hash_rebuild(a, a->hash_bits + 1);
         if (rc != MO_OK) return rc;
     }
-    note_metadata(a);
+    mo_core_note_metadata(a);
     return MO_OK;
 }
 
@@ -188,7 +194,7 @@ uint32_t mo_core_find_fast(const mo_arena *a, uint64_t size) {
     if (g >= MO_SL_COUNT) size += ((uint64_t)1 << (fls64(g) - MO_SL_LOG2 + GRANULE_SHIFT)) - 1;
     uint32_t fl, sl;
     mo_core_mapping(size, &fl, &sl);
-    if (fl >= MO_FL_COUNT) return MO_NIL;
+    if (fl >= a->fl_count) return MO_NIL;
     uint32_t slmap = a->sl_bitmap[fl] & (~0u << sl);
     if (!slmap) {
         uint64_t flmap = (fl + 1 < MO_FL_COUNT) ? a->fl_bitmap & (~0ull << (fl + 1)) : 0;
@@ -206,7 +212,7 @@ uint32_t mo_core_find_exhaustive(const mo_arena *a, uint64_t span, uint64_t alig
     uint32_t fl0, sl0, fl1, sl1;
     mo_core_mapping(span, &fl0, &sl0);
     mo_core_mapping(need, &fl1, &sl1);
-    for (uint32_t fl = fl0; fl <= fl1 && fl < MO_FL_COUNT; fl++) {
+    for (uint32_t fl = fl0; fl <= fl1 && fl < a->fl_count; fl++) {
         uint32_t lists = a->sl_bitmap[fl];
         if (fl == fl0) lists &= ~0u << sl0;
         if (fl == fl1 && sl1 + 1 < 32) lists &= (1u << (sl1 + 1)) - 1;
@@ -286,6 +292,64 @@ void mo_core_release(mo_arena *a, uint32_t idx) {
     mo_core_insert_free(a, idx);
 }
 
+static inline uint64_t slab_record_bytes(uint32_t slots) { return offsetof(mo_slab, meta) + 3u * (uint64_t)slots; }
+
+uint32_t mo_slab_recip[MO_SLAB_CLASSES];
+
+__attribute__((constructor)) static void init_recips(void) {
+    for (uint32_t c = 0; c < MO_SLAB_CLASSES; c++) mo_slab_recip[c] = (uint32_t)((1ull << 32) / ((c + 1u) * MO_GRANULE_BYTES) + 1u);
+}
+
+/* A record for a new slab of class cls (not yet placed: start and node are the caller's), or MO_NIL
+ * when host memory runs out. The only step of making a slab that can fail, so it comes first. */
+uint32_t mo_core_slab_new(mo_arena *a, uint32_t cls) {
+    if (a->slab_spare_count == 0 && a->slab_used == a->slab_cap) {
+        uint32_t cap = a->slab_cap ? a->slab_cap + a->slab_cap / 4 : 16;
+        if (cap > MO_MAX_SLABS) cap = MO_MAX_SLABS;
+        if (cap <= a->slab_cap) {
+            mo_fail(MO_E_NOMEM, "more than %u small-object slabs in one arena", MO_MAX_SLABS);
+            return MO_NIL;
+        }
+        mo_slab **slabs = realloc(a->slabs, cap * sizeof(*slabs));
+        if (slabs) a->slabs = slabs;
+        uint32_t *spare = slabs ? realloc(a->slab_spare, cap * sizeof(*spare)) : NULL;
+        if (!spare) {
+            mo_fail(MO_E_NOMEM, "no host memory for %u slab records", cap);
+            return MO_NIL;
+        }
+        a->slab_spare = spare;
+        a->slab_cap = cap;
+        mo_core_note_metadata(a); /* grown for good, even if the record below cannot be had */
+    }
+    uint64_t span = (uint64_t)(cls + 1) * MO_GRANULE_BYTES;
+    uint32_t slots = (uint32_t)(mo_slab_bytes(span) / span);
+    mo_slab *s = calloc(1, slab_record_bytes(slots));
+    if (!s) {
+        mo_fail(MO_E_NOMEM, "no host memory for a slab record");
+        return MO_NIL;
+    }
+    s->span = (uint16_t)span;
+    s->slots = (uint8_t)slots;
+    s->cls = (uint8_t)cls;
+    /* Bits past the last slot are marked taken, so a search never stops on them. */
+    s->taken_map[slots >> 6] = ~0ull << (slots & 63u);
+    if (slots < 64u) s->taken_map[1] = ~0ull;
+    s->next = s->prev = s->node = MO_NIL;
+    uint32_t si = a->slab_spare_count ? a->slab_spare[--a->slab_spare_count] : a->slab_used++;
+    a->slabs[si] = s;
+    a->slab_bytes += slab_record_bytes(slots);
+    mo_core_note_metadata(a);
+    return si;
+}
+
+void mo_core_slab_drop(mo_arena *a, uint32_t si) {
+    a->slab_bytes -= slab_record_bytes(a->slabs[si]->slots);
+    free(a->slabs[si]);
+    a->slabs[si] = NULL;
+    a->slab_spare[a->slab_spare_count++] = si;
+    mo_core_note_metadata(a);
+}
+
 static uint64_t splitmix64(uint64_t *state) {
     uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -305,31 +369,40 @@ mo_arena *mo_core_new(uint64_t capacity, void *base, uint32_t quarantine_blocks,
     a->canary_key = splitmix64(&state);
     /* Never 0: zero-filled memory must not pass for poison. */
     a->poison_byte = (uint8_t)(splitmix64(&state) | 1u);
-    memset(a->heads, 0xFF, sizeof(a->heads));
+    uint32_t top_fl, top_sl;
+    mo_core_mapping(capacity, &top_fl, &top_sl);
+    a->fl_count = top_fl + 1;
+    a->heads = malloc(a->fl_count * sizeof(*a->heads));
+    if (a->heads) memset(a->heads, 0xFF, a->fl_count * sizeof(*a->heads));
     a->node_cap = 64;
     a->nodes = malloc(a->node_cap * sizeof(mo_node));
     a->q_cap = quarantine_blocks;
     a->quarantine = quarantine_blocks ? calloc(quarantine_blocks, sizeof(uint32_t)) : NULL;
-    if (!a->nodes || hash_rebuild(a, 6) != MO_OK || (quarantine_blocks && !a->quarantine)) {
+    if (!a->heads || !a->nodes || hash_rebuild(a, 6) != MO_OK || (quarantine_blocks && !a->quarantine)) {
         mo_core_delete(a);
         return NULL;
     }
     a->spare_head = MO_NIL;
+    memset(a->partial, 0xFF, sizeof(a->partial));
     uint32_t root = node_take(a);
     a->nodes[root].offset = 0;
     a->nodes[root].size = capacity;
     a->phys_head = root;
     mo_core_insert_free(a, root);
     a->st.capacity_bytes = capacity;
-    note_metadata(a);
+    mo_core_note_metadata(a);
     return a;
 }
 
 void mo_core_delete(mo_arena *a) {
     if (!a) return;
+    free(a->heads);
     free(a->nodes);
     free(a->hash_keys);
     free(a->hash_vals);
     free(a->quarantine);
+    for (uint32_t i = 0; i < a->slab_used; i++) free(a->slabs[i]);
+    free(a->slabs);
+    free(a->slab_spare);
     free(a);
 }

@@ -7,6 +7,10 @@
  * are found by offset in an open-addressing hash table, which is what lets a free of an unknown,
  * interior or already freed offset be reported instead of corrupting the lists.
  *
+ * Requests of up to 1 KiB take a slot of a small-object slab (a block of the core cut into about 64
+ * equal slots), which needs 3 bytes of metadata a slot instead of a descriptor and a hash slot a block;
+ * recently freed slots wait in a per-span cache for the next request of their span.
+ *
  * Arenas are named by handles (slot index and generation), never by raw pointers, so a call on a
  * destroyed arena is detected. Every call is serialised by a per-arena mutex. A call that fails
  * leaves the arena exactly as it was and describes the failure in mo_last_error(), a thread-local
@@ -29,7 +33,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a signature or mo_stats_t changes; the Python loader refuses a mismatch. */
-#define MO_ABI_VERSION 2u
+#define MO_ABI_VERSION 3u
 
 /* Offsets and block spans are multiples of this many bytes. */
 #define MO_GRANULE_BYTES 16u
@@ -61,20 +65,21 @@ typedef struct mo_stats {
     uint64_t allocated_bytes;    /* bytes in live blocks (spans, including rounding and canaries) */
     uint64_t requested_bytes;    /* bytes the live blocks were asked for */
     uint64_t quarantined_bytes;  /* bytes freed but held back from reuse */
-    uint64_t free_bytes;         /* capacity - allocated - quarantined (cached blocks count as free) */
+    uint64_t free_bytes;         /* capacity - allocated - quarantined (free and cached slab slots, and the
+                                  * few bytes past a slab's last slot, count as free) */
     uint64_t largest_free_bytes; /* span of the largest free block */
     uint64_t peak_bytes;         /* highest allocated_bytes seen */
-    uint64_t high_water_bytes;   /* highest end offset of any block ever allocated */
-    uint64_t metadata_bytes;     /* host bytes of metadata now (nodes, hash table, quarantine, arena) */
+    uint64_t high_water_bytes;   /* highest end offset of any block or slab ever allocated */
+    uint64_t metadata_bytes;     /* host bytes of metadata now (nodes, hash table, quarantine, slabs, arena) */
     uint64_t peak_metadata_bytes;
     uint64_t live_blocks;
     uint64_t free_blocks;
     uint64_t quarantined_blocks;
     uint64_t alloc_count;        /* successful allocations */
     uint64_t free_count;         /* successful frees */
-    uint64_t quarantine_flushes; /* times an allocation released the quarantine and caches to fit */
-    uint64_t cached_bytes;       /* freed small blocks kept whole for reuse by a request of the same span */
-    uint64_t cached_blocks;
+    uint64_t quarantine_flushes; /* times an allocation released the quarantine, slot caches and empty slabs to fit */
+    uint64_t cached_bytes;       /* bytes of free slots in small-object slabs, cached or not (reusable by their span only) */
+    uint64_t cached_blocks;      /* free slots in small-object slabs */
 } mo_stats_t;
 
 MO_API uint32_t mo_abi_version(void);

@@ -22,7 +22,7 @@ from memopt.errors import AllocatorError, ArenaExhausted, CorruptionError, Doubl
 
 __all__ = ["ABI_VERSION", "GRANULE_BYTES", "InvalidRequest", "MoStats", "error_for", "library", "library_path"]
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 GRANULE_BYTES = 16
 OK, E_INVALID_ARG, E_EXHAUSTED, E_DOUBLE_FREE, E_INVALID_FREE, E_CORRUPTION, E_BAD_HANDLE, E_NOMEM, E_CUDA = range(9)
 F_CANARIES, F_POISON = 1, 2

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from memopt.errors import ArenaExhausted, DoubleFree, InvalidFree
 
@@ -19,7 +19,10 @@ from ._lib import GRANULE_BYTES, InvalidRequest
 __all__ = ["ReferenceArena", "ReferenceMismatch"]
 
 CANARY_MIN_BYTES = 8
-CACHE_MAX_SPAN = 1024
+SLAB_MAX_SPAN = 1024
+SLAB_TARGET_SLOTS = 64
+SLAB_MIN_BYTES = 1024
+SLAB_MAX_BYTES = 16384
 CACHE_DEPTH = 16
 
 
@@ -29,20 +32,58 @@ class ReferenceMismatch(AssertionError):
 
 @dataclass
 class _Entry:
+    """A block handed out and not yet released: live, freed and in quarantine, or a slot in the cache."""
+
     offset: int
     span: int
     nbytes: int
     serial: int
     quarantined: bool = False
-    cached: bool = False
+    cached: bool = False      # a slot waiting in its span's cache
+    slab: _Slab | None = None  # the slab whose slot it is, None for a block of its own
+
+
+@dataclass
+class _Slab:
+    """A block of the core of ``nbytes`` (``slab_bytes(span)``) cut into ``slots`` slots of ``span``
+    bytes (and a tail shorter than a slot) for small requests."""
+
+    start: int
+    span: int
+    slots: int
+    used: set[int] = field(default_factory=set)
+    held: set[int] = field(default_factory=set)  # slots in quarantine or in the slot cache
+    nbytes: int = 0
+
+    @property
+    def free_slots(self) -> int:
+        return self.slots - len(self.used) - len(self.held)
 
 
 def _round_up(x: int, align: int) -> int:
     return (x + align - 1) // align * align
 
 
+def slab_bytes(span: int) -> int:
+    """Size of a slab of ``span``-byte slots: the power of two at or above ``SLAB_TARGET_SLOTS`` slots,
+    within [``SLAB_MIN_BYTES``, ``SLAB_MAX_BYTES``]."""
+    nbytes = SLAB_MIN_BYTES
+    while nbytes < span * SLAB_TARGET_SLOTS and nbytes < SLAB_MAX_BYTES:
+        nbytes *= 2
+    return nbytes
+
+
 class ReferenceArena:
     """Model of one arena.
+
+    Small requests (a span of at most 1 KiB that is a multiple of the alignment) take the slot last put
+    in their span's slot cache (a LIFO stack of up to ``CACHE_DEPTH`` slots that left use or the
+    quarantine); else a free slot of a slab of their span; without one, a new slab (slot 0 of it;
+    ``slab_bytes(span)`` at a multiple of its size, or at 0 in a smaller arena) when a free block holds
+    it, else a block of their own. A slot leaving use goes to the cache while it has room, else back to its slab; a slab
+    that empties goes back to the free space when its class has another slab with a free slot. An
+    allocation that fits only once the quarantine is released releases it, the caches and every empty
+    slab (a flush). The model checks each of these choices; it names the slot only for a cached one.
 
     Args:
         capacity_bytes (int): the arena's capacity (rounded down to the granule as the allocator does).
@@ -52,13 +93,16 @@ class ReferenceArena:
 
     def __init__(self, capacity_bytes: int, quarantine: int, canaries: bool) -> None:
         self.capacity = capacity_bytes // GRANULE_BYTES * GRANULE_BYTES
+        self.align_cap = 1 << max(0, (self.capacity - 1).bit_length())
         self.quarantine_len = quarantine
         self.guard = CANARY_MIN_BYTES if canaries else 0
-        self.starts: list[int] = []          # sorted offsets of live and quarantined blocks
-        self.entries: dict[int, _Entry] = {}  # by offset
+        self.starts: list[int] = []                   # sorted starts of the blocks and slabs of the core
+        self.ranges: dict[int, _Entry | _Slab] = {}   # by start
+        self.entries: dict[int, _Entry] = {}          # every live or quarantined block (slots too), by offset
+        self.slabs_of: dict[int, list[_Slab]] = {}    # span -> its slabs
+        self.cache: dict[int, list[_Entry]] = {}      # span -> slots waiting for reuse, last one first
         self.quarantine: deque[int] = deque()
-        self.cache: dict[int, list[int]] = {}  # span -> offsets, last one reused first
-        self.cached_blocks = self.cached_bytes = 0
+        self.cached_blocks = self.cached_bytes = 0    # free and cached slots of slabs
         self.freed_serials: set[int] = set()
         self.max_serial = 0
         self.allocated = self.requested = self.quarantined_bytes = 0
@@ -68,26 +112,52 @@ class ReferenceArena:
     def span_of(self, nbytes: int) -> int:
         return _round_up(nbytes + self.guard, GRANULE_BYTES)
 
-    def gaps(self, include_quarantined: bool):
-        """Maximal free ranges [start, end) of the free lists; with ``include_quarantined``, also counting
-        the quarantined and cached blocks (what releasing them would give)."""
+    def align_of(self, alignment: int) -> int:
+        return min(max(alignment, GRANULE_BYTES), self.align_cap)
+
+    def is_live(self, offset: int) -> bool:
+        """Whether a live block starts at ``offset`` (freeing it would be legitimate)."""
+        entry = self.entries.get(offset)
+        return entry is not None and not entry.quarantined and not entry.cached
+
+    def gaps(self, include_held: bool):
+        """Maximal free ranges [start, end) of the core's free lists; with ``include_held``, also counting
+        quarantined blocks and slabs without a live block (what a flush would give back)."""
         cursor = 0
         for start in self.starts:
-            entry = self.entries[start]
-            if (entry.quarantined or entry.cached) and include_quarantined:
+            item = self.ranges[start]
+            if include_held and (item.quarantined if isinstance(item, _Entry) else not item.used):
                 continue
             if start > cursor:
                 yield cursor, start
-            cursor = start + entry.span
+            cursor = start + (item.span if isinstance(item, _Entry) else item.nbytes)
         if cursor < self.capacity:
             yield cursor, self.capacity
 
-    def fits(self, span: int, alignment: int, include_quarantined: bool) -> bool:
+    def fits(self, span: int, alignment: int, include_held: bool) -> bool:
         align = max(alignment, GRANULE_BYTES)
-        return any(_round_up(s, align) + span <= e for s, e in self.gaps(include_quarantined))
+        return any(_round_up(s, align) + span <= e for s, e in self.gaps(include_held))
 
     def largest_free(self) -> int:
         return max((e - s for s, e in self.gaps(False)), default=0)
+
+    def _slot_free(self, span: int) -> bool:
+        return any(slab.free_slots for slab in self.slabs_of.get(span, ()))
+
+    def _slab_fits(self, span: int) -> bool:
+        """Whether a free block holds a new slab for ``span``-byte slots (at a multiple of its size)."""
+        nbytes = slab_bytes(span)
+        return self.fits(nbytes, min(nbytes, self.align_cap), False)
+
+    def _fits_now(self, span: int, align: int, eligible: bool) -> bool:
+        if eligible and (self.cache.get(span) or self._slot_free(span) or self._slab_fits(span)):
+            return True
+        return self.fits(span, align, False)
+
+    def _fits_after_flush(self, span: int, align: int, eligible: bool) -> bool:
+        if eligible and any(slab.used and len(slab.used) < slab.slots for slab in self.slabs_of.get(span, ())):
+            return True
+        return self.fits(span, align, True)
 
     def expected_stats(self) -> dict[str, int]:
         return {
@@ -95,7 +165,7 @@ class ReferenceArena:
             "quarantined_bytes": self.quarantined_bytes, "peak_bytes": self.peak,
             "free_bytes": self.capacity - self.allocated - self.quarantined_bytes,
             "high_water_bytes": self.high_water,
-            "live_blocks": len(self.entries) - len(self.quarantine) - self.cached_blocks,
+            "live_blocks": len(self.entries) - len(self.quarantine) - sum(map(len, self.cache.values())),
             "cached_blocks": self.cached_blocks, "cached_bytes": self.cached_bytes,
             "quarantined_blocks": len(self.quarantine), "alloc_count": self.alloc_count,
             "free_count": self.free_count, "quarantine_flushes": self.flushes,
@@ -112,38 +182,99 @@ class ReferenceArena:
                                     f"reference {self.largest_free()}")
 
     # -- transitions -----------------------------------------------------------------------------
-    def _drop(self, offset: int) -> None:
-        del self.entries[offset]
-        self.starts.pop(bisect.bisect_left(self.starts, offset))
+    def _place(self, start: int, item: _Entry | _Slab) -> None:
+        """Add a block or slab of the core at ``start``, which must lie in free space."""
+        end = start + (item.span if isinstance(item, _Entry) else item.nbytes)
+        what = "slab" if isinstance(item, _Slab) else "block"
+        if start < 0 or end > self.capacity:
+            raise ReferenceMismatch(f"{what} [{start}, {end}) leaves the arena of {self.capacity}")
+        i = bisect.bisect_left(self.starts, start)
+        if i < len(self.starts) and self.starts[i] < end:
+            raise ReferenceMismatch(f"{what} [{start}, {end}) overlaps the block at {self.starts[i]}")
+        if i > 0:
+            prev = self.ranges[self.starts[i - 1]]
+            prev_end = prev.offset + prev.span if isinstance(prev, _Entry) else prev.start + prev.nbytes
+            if prev_end > start:
+                held = " (quarantined)" if isinstance(prev, _Entry) and prev.quarantined else ""
+                raise ReferenceMismatch(f"{what} [{start}, {end}) overlaps [{self.starts[i - 1]}, {prev_end}){held}")
+        self.starts.insert(i, start)
+        self.ranges[start] = item
+        self.high_water = max(self.high_water, end)
 
-    def _retire(self, entry: _Entry) -> None:
-        """A block leaves use or the quarantine: small spans wait in the cache while it has room."""
+    def _unplace(self, start: int) -> None:
+        del self.ranges[start]
+        self.starts.pop(bisect.bisect_left(self.starts, start))
+
+    def _drop_slab(self, slab: _Slab) -> None:
+        self._unplace(slab.start)
+        self.slabs_of[slab.span].remove(slab)
+        self.cached_blocks -= slab.slots
+        self.cached_bytes -= slab.slots * slab.span
+
+    def _slot_freed(self, slab: _Slab) -> None:
+        """A slot of ``slab`` became free: an emptied slab goes back unless it is its class's last with room."""
+        self.cached_blocks += 1
+        self.cached_bytes += slab.span
+        if not slab.used and not slab.held and any(
+                other is not slab and other.free_slots for other in self.slabs_of[slab.span]):
+            self._drop_slab(slab)
+
+    def _release(self, entry: _Entry) -> None:
+        """A block leaves use or the quarantine: a slot waits in its span's cache while that has room."""
+        if entry.slab is None:
+            del self.entries[entry.offset]
+            self._unplace(entry.offset)
+            return
+        k = (entry.offset - entry.slab.start) // entry.span
+        entry.slab.used.discard(k)
+        entry.slab.held.add(k)
         entry.quarantined = False
-        stack = self.cache.setdefault(entry.span, []) if entry.span <= CACHE_MAX_SPAN else None
-        if stack is not None and len(stack) < CACHE_DEPTH:
+        stack = self.cache.setdefault(entry.span, [])
+        if len(stack) < CACHE_DEPTH:
             entry.cached = True
-            stack.append(entry.offset)
+            stack.append(entry)
             self.cached_blocks += 1
             self.cached_bytes += entry.span
-        else:
-            self._drop(entry.offset)
+            return
+        self._uncache(entry)
+
+    def _uncache(self, entry: _Entry) -> None:
+        """A held slot goes back to its slab for good."""
+        del self.entries[entry.offset]
+        entry.slab.held.remove((entry.offset - entry.slab.start) // entry.span)
+        self._slot_freed(entry.slab)
 
     def _release_oldest(self) -> None:
         entry = self.entries[self.quarantine.popleft()]
         self.quarantined_bytes -= entry.span
-        self._retire(entry)
+        self._release(entry)
 
     def _flush(self) -> None:
         while self.quarantine:
-            entry = self.entries[self.quarantine.popleft()]
-            self.quarantined_bytes -= entry.span
-            self._drop(entry.offset)
+            self._release_oldest()
         for stack in self.cache.values():
-            for offset in stack:
-                self._drop(offset)
-            stack.clear()
-        self.cached_blocks = self.cached_bytes = 0
+            while stack:
+                self.cached_blocks -= 1
+                self.cached_bytes -= stack[-1].span
+                self._uncache(stack.pop())
+        for slabs in self.slabs_of.values():
+            for slab in [s for s in slabs if not s.used and not s.held]:
+                self._drop_slab(slab)
         self.flushes += 1
+
+    def _take_slot(self, offset: int, span: int) -> _Slab:
+        i = bisect.bisect_right(self.starts, offset) - 1
+        slab = self.ranges.get(self.starts[i]) if i >= 0 else None
+        if not isinstance(slab, _Slab) or slab.span != span or not slab.start <= offset < slab.start + slab.slots * span:
+            raise ReferenceMismatch(f"a {span}-byte request went to offset {offset}, not to a slot of a slab of its "
+                                    "span although one had a free slot")
+        k, rem = divmod(offset - slab.start, span)
+        if rem or k in slab.used or k in slab.held:
+            raise ReferenceMismatch(f"offset {offset} is not a free slot of the slab at {slab.start}")
+        slab.used.add(k)
+        self.cached_blocks -= 1
+        self.cached_bytes -= span
+        return slab
 
     def on_alloc(self, nbytes: int, alignment: int, result, flushes_after: int) -> None:
         """Check an alloc's outcome: ``result`` is (offset, span, serial) or the exception raised."""
@@ -155,8 +286,9 @@ class ReferenceArena:
                 return
             if not isinstance(result, ArenaExhausted):
                 raise ReferenceMismatch(f"alloc({nbytes}, {alignment}) raised {result!r}")
-            span = self.span_of(nbytes)
-            if nbytes <= self.capacity and self.fits(span, min(alignment, 1 << 62), include_quarantined=True):
+            span, align = self.span_of(nbytes), self.align_of(alignment)
+            eligible = span <= SLAB_MAX_SPAN and span % align == 0
+            if span <= self.capacity and self._fits_after_flush(span, align, eligible):
                 raise ReferenceMismatch(f"alloc({nbytes}, {alignment}) reported exhaustion but a gap fits it")
             if flushes_after != self.flushes:
                 raise ReferenceMismatch("a failed alloc released the quarantine")
@@ -164,57 +296,61 @@ class ReferenceArena:
         if not valid_args:
             raise ReferenceMismatch(f"alloc({nbytes}, {alignment}) succeeded; expected InvalidRequest")
         offset, span, serial = result
-        stack = self.cache.get(self.span_of(nbytes))
-        if stack and stack[-1] % max(alignment, GRANULE_BYTES) == 0:
-            # The cache must serve a request of a cached span whose last cached block is aligned.
-            if offset != stack[-1] or flushes_after != self.flushes:
-                raise ReferenceMismatch(f"alloc({nbytes}, {alignment}) gave {offset}, not the cached block "
-                                        f"at {stack[-1]}")
-            stack.pop()
-            self._drop(offset)
-            self.cached_blocks -= 1
-            self.cached_bytes -= span
-        elif flushes_after == self.flushes + 1:
-            if self.fits(self.span_of(nbytes), alignment, include_quarantined=False):
-                raise ReferenceMismatch("the quarantine and cache were released although a free block fitted")
+        want_span, align = self.span_of(nbytes), self.align_of(alignment)
+        if span != want_span:
+            raise ReferenceMismatch(f"alloc({nbytes}) spans {span}, expected {want_span}")
+        eligible = span <= SLAB_MAX_SPAN and span % align == 0
+        if flushes_after == self.flushes + 1:
+            if self._fits_now(span, align, eligible):
+                raise ReferenceMismatch("the quarantine and empty slabs were released although the request fitted")
             self._flush()
         elif flushes_after != self.flushes:
             raise ReferenceMismatch(f"quarantine flush count jumped from {self.flushes} to {flushes_after}")
-        if span != self.span_of(nbytes):
-            raise ReferenceMismatch(f"alloc({nbytes}) spans {span}, expected {self.span_of(nbytes)}")
-        if offset % max(alignment, GRANULE_BYTES) and offset != 0:
+        if offset % align:
             raise ReferenceMismatch(f"offset {offset} is not aligned to {alignment}")
-        if offset < 0 or offset + span > self.capacity:
-            raise ReferenceMismatch(f"block [{offset}, {offset + span}) leaves the arena of {self.capacity}")
-        # Serials are (allocation count << 32 | the allocator's node index): the count must grow.
+        # Serials are (allocation count << 32 | the allocator's index): the count must grow.
         if serial >> 32 <= self.max_serial >> 32:
             raise ReferenceMismatch(f"serial {serial:#x} was not fresh (last {self.max_serial:#x})")
-        i = bisect.bisect_left(self.starts, offset)
-        if i < len(self.starts) and self.starts[i] < offset + span:
-            raise ReferenceMismatch(f"block [{offset}, {offset + span}) overlaps the block at {self.starts[i]}")
-        if i > 0:
-            prev = self.entries[self.starts[i - 1]]
-            if prev.offset + prev.span > offset:
-                raise ReferenceMismatch(f"block [{offset}, {offset + span}) overlaps [{prev.offset}, "
-                                        f"{prev.offset + prev.span}){' (quarantined)' if prev.quarantined else ''}")
-        self.starts.insert(i, offset)
-        self.entries[offset] = _Entry(offset, span, nbytes, serial)
+        entry = _Entry(offset, span, nbytes, serial)
+        stack = self.cache.get(span) if eligible else None
+        if stack:
+            if offset != stack[-1].offset:
+                raise ReferenceMismatch(f"alloc({nbytes}, {alignment}) gave {offset}, not the cached slot at "
+                                        f"{stack[-1].offset}")
+            entry.slab = stack.pop().slab
+            k = (offset - entry.slab.start) // span
+            entry.slab.held.remove(k)
+            entry.slab.used.add(k)
+            self.cached_blocks -= 1
+            self.cached_bytes -= span
+        elif eligible and self._slot_free(span):
+            entry.slab = self._take_slot(offset, span)
+        elif eligible and self._slab_fits(span):
+            nbytes_slab = slab_bytes(span)
+            if offset % min(nbytes_slab, self.align_cap):
+                raise ReferenceMismatch(f"a new slab starts at {offset}, not a multiple of {nbytes_slab}")
+            entry.slab = _Slab(offset, span, nbytes_slab // span, nbytes=nbytes_slab)
+            self._place(offset, entry.slab)
+            self.slabs_of.setdefault(span, []).append(entry.slab)
+            self.cached_blocks += entry.slab.slots
+            self.cached_bytes += entry.slab.slots * span
+            self._take_slot(offset, span)
+        else:
+            self._place(offset, entry)
+        self.entries[offset] = entry
         self.max_serial = serial
         self.allocated += span
         self.requested += nbytes
         self.alloc_count += 1
         self.peak = max(self.peak, self.allocated)
-        self.high_water = max(self.high_water, offset + span)
 
     def expected_free_error(self, offset: int, serial: int) -> type[Exception] | None:
         """The exception a free must raise, or None when it must succeed."""
         entry = self.entries.get(offset)
-        if entry is not None and not (entry.quarantined or entry.cached) and serial in (0, entry.serial):
+        if entry is not None and not entry.quarantined and not entry.cached and serial in (0, entry.serial):
             return None
-        if entry is not None and (entry.quarantined or entry.cached):
-            return DoubleFree
         if entry is not None or (serial and serial in self.freed_serials):
-            return DoubleFree  # a stale handle: its block was freed (and maybe the offset reused)
+            return DoubleFree  # in quarantine or the cache, or a stale handle: its block was freed (and maybe the offset reused)
         return InvalidFree
 
     def reject_free(self, arena, block, serial: int) -> None:
@@ -248,10 +384,14 @@ class ReferenceArena:
         self.free_count += 1
         self.freed_serials.add(entry.serial)
         if self.quarantine_len == 0:
-            self._retire(entry)
+            self._release(entry)
             return
+        entry.quarantined = True
+        if entry.slab is not None:
+            k = (offset - entry.slab.start) // entry.span
+            entry.slab.used.remove(k)
+            entry.slab.held.add(k)
         if len(self.quarantine) == self.quarantine_len:
             self._release_oldest()
-        entry.quarantined = True
         self.quarantine.append(offset)
         self.quarantined_bytes += entry.span

@@ -129,10 +129,13 @@ class ArenaStats:
         peak_metadata_bytes: the highest ``metadata_bytes`` so far.
         alloc_count: successful allocations.
         free_count: successful frees.
-        quarantine_flushes: times an allocation released the quarantine (and the cache) to fit.
-        cached_bytes: freed small blocks (spans up to 1 KiB) kept whole for the next request of the
-            same span; they count as free.
-        cached_blocks: blocks in that cache.
+        quarantine_flushes: times an allocation released the quarantine (and the slot caches and empty
+            slabs) to fit.
+        cached_bytes: bytes of free slots in small-object slabs: blocks of spans up to 1 KiB (whose span
+            is a multiple of their alignment) are slots of slabs of about 64 slots (1-16 KiB), and a
+            free slot, whether in its slab or in the per-span cache of recently freed slots, serves only
+            a request of its span; they count as free.
+        cached_blocks: free slots in those slabs.
     """
 
     capacity_bytes: int

@@ -94,7 +94,7 @@ def run_program(data: bytes) -> None:
                     block, serial = Block(victim.offset + 1 + reader.byte() % (victim.span_bytes - 1), 1), 0
                 else:
                     offset = reader.u16() * 16
-                    if offset in ref.entries and not (ref.entries[offset].quarantined or ref.entries[offset].cached):
+                    if ref.is_live(offset):
                         continue
                     block, serial = Block(offset, 1), 0
                 ref.reject_free(arena, block, serial)
