@@ -8,10 +8,14 @@ Same signature and return as ``deepspeed.initialize``, plus an optional ``sample
 it the first micro-batch of ``training_data`` is used. Before DeepSpeed wraps the model, memopt moves it
 to the accelerator and the configured dtype (as DeepSpeed would), profiles one step on the sample, divides
 the model states by the data-parallel world size as the ZeRO stage shards them (stage 1: optimizer state,
-stage 2: and gradients), plans under the budget and applies the plan; the handle is
-``engine.memopt_handle``. The ``"memopt"`` section takes ``budget`` and any ``MemoptConfig`` field.
-ZeRO stage 3 is refused: it gathers parameters inside the planned units, which a plan would count as
-activations.
+stage 2: and gradients, stage 3: and parameters, plus the parameters it gathers for the unit at work and
+the next), plans under the budget and applies the plan; the handle is ``engine.memopt_handle``. The
+``"memopt"`` section takes ``budget`` and any ``MemoptConfig`` field.
+
+Under ZeRO-3 a parameter's data comes and goes (gathered before its module runs, released after):
+memopt keeps every saved parameter as the parameter itself, and a recompute runs inside backward with
+DeepSpeed's hooks gathering what it needs, while the parameters gathered for the backward in progress stay
+gathered through it.
 """
 
 from __future__ import annotations
@@ -33,18 +37,31 @@ __all__ = ["initialize", "shard_model_states"]
 
 
 def shard_model_states(graph: memopt.TrainingGraph, zero_stage: int, world_size: int) -> memopt.TrainingGraph:
-    """The graph with its model states as one data-parallel rank holds them under ZeRO ``zero_stage``."""
+    """The graph with its model states as one data-parallel rank holds them under ZeRO ``zero_stage``.
+
+    Stage 1 divides the optimizer state by ``world_size``, stage 2 the gradients too, stage 3 the
+    parameters too, plus what ZeRO-3 gathers while it runs: the full parameters of the unit at work and
+    of the one prefetched next (twice the largest unit's parameter bytes, at most the unsharded rest).
+    """
     _check_stage(zero_stage, world_size)
-    optimizer = graph.optimizer_bytes // world_size if zero_stage >= 1 else graph.optimizer_bytes
-    grads = graph.grad_bytes // world_size if zero_stage >= 2 else graph.grad_bytes
-    return dataclasses.replace(graph, optimizer_bytes=optimizer, grad_bytes=grads,
+    optimizer = _shard(graph.optimizer_bytes, world_size) if zero_stage >= 1 else graph.optimizer_bytes
+    grads = _shard(graph.grad_bytes, world_size) if zero_stage >= 2 else graph.grad_bytes
+    params = graph.param_bytes
+    if zero_stage >= 3:
+        own = _shard(graph.param_bytes, world_size)
+        largest_unit = max((u.param_grad_bytes for u in graph.units), default=0)
+        params = own + min(graph.param_bytes - own, 2 * largest_unit)
+    return dataclasses.replace(graph, optimizer_bytes=optimizer, grad_bytes=grads, param_bytes=params,
                                sharding_degree=world_size if zero_stage else 1)
 
 
+def _shard(nbytes: int, world_size: int) -> int:
+    return -(-nbytes // world_size)
+
+
 def _check_stage(zero_stage: int, world_size: int) -> None:
-    if zero_stage not in (0, 1, 2):
-        raise ValueError(f"memopt plans ZeRO stages 0-2, got stage {zero_stage!r}; stage 3 gathers parameters "
-                         "inside the planned units. Use stage 2, or plan offline with `memopt plan --zero-stage 3`")
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {zero_stage!r}")
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size!r}")
 
@@ -64,7 +81,7 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
         ``engine.memopt_handle`` is the applied plan (None without a ``"memopt"`` section).
 
     Raises:
-        ValueError: a bad ``"memopt"`` section, ZeRO stage 3, or no sample and no training data.
+        ValueError: a bad ``"memopt"`` section, or no sample and no training data.
         memopt.BudgetError: the budget is below the smallest feasible one.
     """
     if model is None:

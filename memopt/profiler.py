@@ -139,7 +139,7 @@ class _Recorder:
         for leaf in tree_leaves((args, kwargs)):
             if isinstance(leaf, torch.Tensor):
                 key = leaf.untyped_storage()._cdata
-                if key not in self.seen_inputs and key not in self.runtime.param_storages:
+                if key not in self.seen_inputs and not self.runtime.is_param(leaf):
                     self.seen_inputs.add(key)
                     if self.meter.tracks(leaf):
                         rec.input_bytes += leaf.untyped_storage().nbytes()
@@ -198,7 +198,7 @@ class _Recorder:
                     return None
             equal = (isinstance(ys, torch.Tensor) and ys.numel() * rows == out.numel() * n
                      and torch.equal(ys.detach().reshape(n, -1), out.detach().reshape(rows, -1)[rows - n:]))
-            shapes = _distinct_shapes(captured, self.runtime.param_storages)
+            shapes = _distinct_shapes(captured, self.runtime.is_param)
         finally:
             self.meter.paused = False
             captured.clear()
@@ -227,7 +227,7 @@ class _Recorder:
         rec.tensor_bytes, rec.shapes, rec.outside = [], [], []
         for tensor in captured:
             key = tensor.untyped_storage()._cdata
-            if key in seen or key in self.runtime.param_storages:
+            if key in seen or self.runtime.is_param(tensor):
                 continue
             seen.add(key)
             rec.tensor_bytes.append(tensor.untyped_storage().nbytes())
@@ -272,12 +272,12 @@ def _identity(x):
     return x
 
 
-def _distinct_shapes(tensors: list[torch.Tensor], params: set[int]) -> list[tuple[int, ...]]:
+def _distinct_shapes(tensors: list[torch.Tensor], is_param) -> list[tuple[int, ...]]:
     seen: set[int] = set()
     shapes = []
     for tensor in tensors:
         key = tensor.untyped_storage()._cdata
-        if key not in seen and key not in params:
+        if key not in seen and not is_param(tensor):
             seen.add(key)
             shapes.append(tuple(tensor.shape))
     return shapes

@@ -1,8 +1,9 @@
-"""DeepSpeed (CPU, gloo, one process, ZeRO-2): memopt through the "memopt" config section trains to the
-same weights as plain DeepSpeed. Each run is a subprocess, so torch.distributed state never leaks."""
+"""DeepSpeed (CPU, gloo, one process, ZeRO-2 and ZeRO-3): memopt through the "memopt" config section trains
+to the same weights as plain DeepSpeed. Each run is a subprocess, so torch.distributed state never leaks."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,39 +16,45 @@ pytest.importorskip("deepspeed")
 SCRIPT = r'''
 import json, os, sys, torch
 import memopt
-from memopt.testing import TinyMLP, snapshot
+from memopt.testing import TinyMLP, hf_causal_lm, hf_sample
 import deepspeed
+from deepspeed.utils import safe_get_full_fp32_param
 from memopt.integrations.deepspeed import initialize
-use_memopt, port = sys.argv[1] == "1", sys.argv[2]
+use_memopt, port, stage, kind, swap = sys.argv[1] == "1", sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1"
 os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
 deepspeed.init_distributed(dist_backend="gloo", verbose=False)
 torch.manual_seed(0)
-model = TinyMLP(depth=8)
+if kind == "mlp":
+    model = TinyMLP(depth=8)
+    batches = [torch.randn(2, 256, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+else:
+    model = hf_causal_lm("llama", num_hidden_layers=4)
+    batches = [hf_sample(seq=128, seed=i) for i in range(3)]
 config = {"train_batch_size": 2, "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}},
-          "zero_optimization": {"stage": 2}}
+          "zero_optimization": {"stage": stage}}
 if use_memopt:
-    config["memopt"] = {"budget": 0.4, "allow_swap": False}
-batches = [torch.randn(2, 256, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    config["memopt"] = {"budget": 0.4, "allow_swap": swap}
 init = initialize if use_memopt else deepspeed.initialize
 engine, *_ = init(model=model, model_parameters=model.parameters(), config=config,
                   **({"sample": batches[0]} if use_memopt else {}))
 for x in batches:
-    loss = engine(x)
-    engine.backward(loss)
+    out = engine(**x) if isinstance(x, dict) else engine(x)
+    engine.backward(out.loss if hasattr(out, "loss") else out)
     engine.step()
 handle = getattr(engine, "memopt_handle", None)
 stats = handle.stats() if handle else {}
 modes = sorted({d.mode for d in handle.plan.decisions}) if handle else []
-params = [p.tolist() for p in snapshot(model)]
+# The optimizer's fp32 copy of every parameter, whole (ZeRO-3 keeps only a shard of each in the model).
+params = [safe_get_full_fp32_param(p).tolist() for p in model.parameters()]
 print("RESULT" + json.dumps({"params": params, "recomputes": stats.get("recomputes", 0), "modes": modes,
-                             "states": handle.graph.optimizer_bytes if handle else 0}))
+                             "swapped": stats.get("swapped_bytes_total", 0)}))
 '''
 
 
-def _run(use_memopt: bool, port: int) -> dict:
+def _run(use_memopt: bool, port: int, stage: int = 2, kind: str = "mlp", swap: bool = False) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", SCRIPT, "1" if use_memopt else "0", str(port)], capture_output=True,
-                         text=True, timeout=600, env=env)
+    args = ["1" if use_memopt else "0", str(port), str(stage), kind, "1" if swap else "0"]
+    out = subprocess.run([sys.executable, "-c", SCRIPT, *args], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT"))
     return json.loads(line[len("RESULT"):])
@@ -60,17 +67,36 @@ def test_deepspeed_zero2_with_memopt_is_exact():
     assert planned["params"] == plain["params"]
 
 
-def test_zero_sharding_of_model_states_and_stage3_refused():
+@pytest.mark.parametrize(("kind", "swap", "ports"), [("mlp", False, (29613, 29614)), ("llama", True, (29615, 29616))])
+def test_deepspeed_zero3_with_memopt_is_exact(kind, swap, ports):
+    """ZeRO-3 gathers each module's parameters before it runs and releases them after, in backward too:
+    recompute (token-wise included) and swap plans train to the same weights as plain ZeRO-3."""
+    plain = _run(False, ports[0], stage=3, kind=kind)
+    planned = _run(True, ports[1], stage=3, kind=kind, swap=swap)
+    assert planned["modes"] != ["keep"]
+    assert (planned["swapped"] > 0) if swap else (planned["recomputes"] > 0)
+    assert planned["params"] == plain["params"]
+
+
+def test_zero_sharding_of_model_states():
     from memopt.integrations.deepspeed import shard_model_states
     from memopt.planners import random_graph
 
     graph = random_graph(4, seed=0)
+    ceil = lambda n, k: -(-n // k)  # noqa: E731
     for stage, (opt, grads) in {0: (1, 1), 1: (4, 1), 2: (4, 4)}.items():
         sharded = shard_model_states(graph, stage, 4)
-        assert sharded.optimizer_bytes == graph.optimizer_bytes // opt and sharded.grad_bytes == graph.grad_bytes // grads
+        assert sharded.optimizer_bytes == ceil(graph.optimizer_bytes, opt)
+        assert sharded.grad_bytes == ceil(graph.grad_bytes, grads)
         assert sharded.param_bytes == graph.param_bytes
-    with pytest.raises(ValueError, match="stage 3"):
-        shard_model_states(graph, 3, 4)
+    # Stage 3: a quarter of the parameters, plus the gathered ones of two units (at most the rest).
+    units = [dataclasses.replace(u, param_grad_bytes=1000 * (i + 1)) for i, u in enumerate(graph.units)]
+    graph = dataclasses.replace(graph, units=units, param_bytes=40_000)
+    sharded = shard_model_states(graph, 3, 4)
+    assert sharded.param_bytes == 10_000 + 2 * 4000 and sharded.grad_bytes == ceil(graph.grad_bytes, 4)
+    assert shard_model_states(graph, 3, 1).param_bytes == 40_000
+    with pytest.raises(ValueError, match="stage must be 0, 1, 2 or 3"):
+        shard_model_states(graph, 4, 4)
 
 
 def test_bad_memopt_section_is_rejected():

@@ -121,9 +121,9 @@ class Frame:
     def pack(self, tensor: torch.Tensor):
         call = self.calls
         self.calls += 1
-        storage = tensor.untyped_storage()
-        if storage._cdata in self.runtime.param_storages:
+        if self.runtime.is_param(tensor):
             return tensor
+        storage = tensor.untyped_storage()
         index = self.storage_index.get(storage)
         first = index is None
         if first:
@@ -259,8 +259,9 @@ class Frame:
 
         def capture(tensor):
             # Detached, and nothing handed back to the throwaway graph: a saved output that points at its
-            # own grad_fn would form a reference cycle autograd never frees.
-            captured.append(tensor.detach())
+            # own grad_fn would form a reference cycle autograd never frees. A parameter (a leaf) stays
+            # itself, as pack left it: its data may be gathered only while its module runs (ZeRO-3).
+            captured.append(tensor if isinstance(tensor, torch.nn.Parameter) else tensor.detach())
 
         device = self.runtime.device
         devices = [device] if self.cuda_rng is not None else []
@@ -275,7 +276,7 @@ class Frame:
             serve = (ExpensiveOutputs(device, self.recorded) if self.recorded is not None
                      else contextlib.nullcontext())
             with torch.enable_grad(), _autocast(device, self.autocast), \
-                    torch.autograd.graph.saved_tensors_hooks(capture, _identity), serve:
+                    torch.autograd.graph.saved_tensors_hooks(capture, _identity), serve, _keep_gathered(module):
                 self.forward(*args, **kwargs)
             if self.recorded is not None and serve.served != len(self.recorded):
                 raise RuntimeError(
@@ -311,7 +312,7 @@ class Frame:
         seen: dict[int, int] = {}
         for tensor in captured:
             key = _storage_key(tensor)
-            if key in self.runtime.param_storages or key in seen:
+            if key in seen or self.runtime.is_param(tensor):
                 continue
             seen[key] = len(seen)
             out[seen[key]] = tensor.reshape(rows.shape[0], -1) if tensor.dim() else tensor
@@ -326,6 +327,30 @@ class Frame:
 
 def _identity(x):
     return x
+
+
+_REPLAY = -1  # the "module" that holds gathered DeepSpeed ZeRO-3 parameters during a replay
+
+
+@contextlib.contextmanager
+def _keep_gathered(module: torch.nn.Module):
+    """Hold the DeepSpeed ZeRO-3 parameters of ``module`` that are gathered now, through a replay.
+
+    A replay runs the unit's forward inside backward; DeepSpeed's forward hooks then release each
+    submodule's parameters after it, including those of the submodule whose backward is running and
+    needs them next. Marking them in use by one more holder for the replay keeps them; DeepSpeed releases
+    them as usual after their backward. Other parameters are gathered and released by the hooks as in
+    any forward. A no-op without ZeRO-3 parameters."""
+    held = [p for p in module.parameters()
+            if isinstance(getattr(p, "ds_active_sub_modules", None), set)
+            and getattr(getattr(p, "ds_status", None), "name", None) == "AVAILABLE"]
+    for p in held:
+        p.ds_active_sub_modules.add(_REPLAY)
+    try:
+        yield
+    finally:
+        for p in held:
+            p.ds_active_sub_modules.discard(_REPLAY)
 
 
 def unpack(handle):

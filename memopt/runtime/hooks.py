@@ -10,6 +10,7 @@ import weakref
 import torch
 from torch import nn
 
+from .._storages import StorageMap
 from .engine import Frame, UnitPolicy, unpack
 from .store import HostStore
 
@@ -48,7 +49,7 @@ class Runtime:
         self.device = _model_device(model)
         needs_store = any(p.mode == "swap" or (p.mode == "tokenwise" and p.swap_rows) for p in policies)
         self.store = HostStore(self.device, host_capacity_bytes) if needs_store else None
-        self.param_storages: set[int] = set()
+        self.param_storages = StorageMap()
         self.frames: dict[int, weakref.ref] = {}
         self.recompute_count = 0
         self.recompute_s = 0.0
@@ -79,9 +80,17 @@ class Runtime:
         self.frames.clear()
 
     def refresh_params(self) -> None:
-        """Remember which storages are parameters or buffers: those are never swapped or dropped."""
-        tensors = [*self.model.parameters(), *self.model.buffers()]
-        self.param_storages = {t.untyped_storage()._cdata for t in tensors}
+        """Remember which storages are parameters or buffers: those are never swapped or dropped. Weakly:
+        a parameter's data can change hands (DeepSpeed ZeRO-3 swaps it for a gathered copy and back), and
+        the address of a storage that died must not pass for a parameter's when a new one takes it."""
+        storages = StorageMap()
+        for t in (*self.model.parameters(), *self.model.buffers()):
+            storages.add(t.untyped_storage(), None)
+        self.param_storages = storages
+
+    def is_param(self, tensor: torch.Tensor) -> bool:
+        """Whether a saved tensor is a parameter or buffer (or a view of one), which stays as it is."""
+        return isinstance(tensor, nn.Parameter) or tensor.untyped_storage() in self.param_storages
 
     # -- the wrapped forward ------------------------------------------------------------------------
     def _call(self, index: int, forward, *args, **kwargs):
