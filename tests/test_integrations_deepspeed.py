@@ -27,21 +27,30 @@ torch.manual_seed(0)
 if kind == "mlp":
     model = TinyMLP(depth=8)
     batches = [torch.randn(2, 256, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-else:
+elif kind == "llama":
     model = hf_causal_lm("llama", num_hidden_layers=4)
+    batches = [hf_sample(seq=128, seed=i) for i in range(3)]
+else:  # "gpt2-selective": every layer selective (keep matmul/attention outputs, replay the rest), applied by hand
+    model = hf_causal_lm("gpt2", attn_implementation="sdpa", n_layer=3)
     batches = [hf_sample(seq=128, seed=i) for i in range(3)]
 config = {"train_batch_size": 2, "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}},
           "zero_optimization": {"stage": stage}}
-if use_memopt:
+handle = None
+if use_memopt and kind == "gpt2-selective":
+    from memopt.graph import Decision, Plan
+    graph = memopt.profile(model, batches[0])
+    handle = memopt.apply(model, Plan([Decision(u.name, 0.0, 0.0, 1.0, selective=True) for u in graph.units],
+                                      1, 1, 0, 0.0, 0.0, 0))
+elif use_memopt:
     config["memopt"] = {"budget": 0.4, "allow_swap": swap}
-init = initialize if use_memopt else deepspeed.initialize
+init = initialize if use_memopt and handle is None else deepspeed.initialize
 engine, *_ = init(model=model, model_parameters=model.parameters(), config=config,
-                  **({"sample": batches[0]} if use_memopt else {}))
+                  **({"sample": batches[0]} if init is initialize else {}))
 for x in batches:
     out = engine(**x) if isinstance(x, dict) else engine(x)
     engine.backward(out.loss if hasattr(out, "loss") else out)
     engine.step()
-handle = getattr(engine, "memopt_handle", None)
+handle = handle or getattr(engine, "memopt_handle", None)
 stats = handle.stats() if handle else {}
 modes = sorted({d.mode for d in handle.plan.decisions}) if handle else []
 # The optimizer's fp32 copy of every parameter, whole (ZeRO-3 keeps only a shard of each in the model).
@@ -67,10 +76,11 @@ def test_deepspeed_zero2_with_memopt_is_exact():
     assert planned["params"] == plain["params"]
 
 
-@pytest.mark.parametrize(("kind", "swap", "ports"), [("mlp", False, (29613, 29614)), ("llama", True, (29615, 29616))])
+@pytest.mark.parametrize(("kind", "swap", "ports"), [("mlp", False, (29613, 29614)), ("llama", True, (29615, 29616)),
+                                                   ("gpt2-selective", False, (29617, 29618))])
 def test_deepspeed_zero3_with_memopt_is_exact(kind, swap, ports):
     """ZeRO-3 gathers each module's parameters before it runs and releases them after, in backward too:
-    recompute (token-wise included) and swap plans train to the same weights as plain ZeRO-3."""
+    recompute (token-wise included), selective and swap plans train to the same weights as plain ZeRO-3."""
     plain = _run(False, ports[0], stage=3, kind=kind)
     planned = _run(True, ports[1], stage=3, kind=kind, swap=swap)
     assert planned["modes"] != ["keep"]
