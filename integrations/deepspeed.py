@@ -32,6 +32,7 @@ except ImportError as error:  # pragma: no cover - exercised only without deepsp
     raise ImportError("memopt.integrations.deepspeed needs: pip install 'memopt[deepspeed]'") from error
 
 import memopt
+from memopt.graph import zero3_gathered_bytes
 
 __all__ = ["initialize", "shard_model_states"]
 
@@ -40,19 +41,16 @@ def shard_model_states(graph: memopt.TrainingGraph, zero_stage: int, world_size:
     """The graph with its model states as one data-parallel rank holds them under ZeRO ``zero_stage``.
 
     Stage 1 divides the optimizer state by ``world_size``, stage 2 the gradients too, stage 3 the
-    parameters too, plus what ZeRO-3 gathers while it runs: the full parameters of the unit at work and
-    of the one prefetched next (twice the largest unit's parameter bytes, at most the unsharded rest).
+    parameters too, and counts what ZeRO-3 gathers while it runs (``memopt.graph.zero3_gathered_bytes``)
+    as ``gathered_param_bytes``.
     """
     _check_stage(zero_stage, world_size)
     optimizer = _shard(graph.optimizer_bytes, world_size) if zero_stage >= 1 else graph.optimizer_bytes
     grads = _shard(graph.grad_bytes, world_size) if zero_stage >= 2 else graph.grad_bytes
-    params = graph.param_bytes
-    if zero_stage >= 3:
-        own = _shard(graph.param_bytes, world_size)
-        largest_unit = max((u.param_grad_bytes for u in graph.units), default=0)
-        params = own + min(graph.param_bytes - own, 2 * largest_unit)
+    params = _shard(graph.param_bytes, world_size) if zero_stage >= 3 else graph.param_bytes
+    gathered = zero3_gathered_bytes(graph.units, graph.param_bytes, world_size) if zero_stage >= 3 else 0
     return dataclasses.replace(graph, optimizer_bytes=optimizer, grad_bytes=grads, param_bytes=params,
-                               sharding_degree=world_size if zero_stage else 1)
+                               gathered_param_bytes=gathered, sharding_degree=world_size if zero_stage else 1)
 
 
 def _shard(nbytes: int, world_size: int) -> int:

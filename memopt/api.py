@@ -62,7 +62,7 @@ def resolve_budget(graph: TrainingGraph, budget: int | str | float) -> int:
         from .planners import baseline_plan
 
         peak = baseline_plan(graph, "none").predicted_peak_bytes
-        base = graph.model_state_bytes
+        base = graph.resident_bytes
         return int(base + budget * (peak - base))
     return parse_bytes(budget, what="budget")
 

@@ -154,16 +154,21 @@ def _hardware(args: argparse.Namespace) -> Hardware:
     return dataclasses.replace(args.gpu, name=f"{args.gpu.name} (custom)", **changes)
 
 
-def _zero_options(n_params: int, setup, activation_floor_bytes: int, budget_bytes: int) -> list[tuple[int, int, int]]:
-    """(GPUs, ZeRO stage, bytes) of the smallest world size per stage whose states and activations fit."""
-    from .fake_profile import model_states
+def _zero_options(graph, n_params: int, setup, activation_floor_bytes: int,
+                  budget_bytes: int) -> list[tuple[int, int, int]]:
+    """(GPUs, ZeRO stage, bytes) of the smallest world size per stage whose states (with the parameters
+    ZeRO-3 gathers) and activations fit."""
+    from .fake_profile import DTYPE_BYTES, model_states
+    from .graph import zero3_gathered_bytes
 
     found = []
     for stage in (3, 2, 1):
         world = 2
         while world <= 4096:
             trial = dataclasses.replace(setup, zero_stage=stage, world_size=world)
-            need = model_states(n_params, trial).total_bytes + activation_floor_bytes
+            gathered = (zero3_gathered_bytes(graph.units, DTYPE_BYTES[setup.dtype] * n_params, world)
+                        if stage == 3 else 0)
+            need = model_states(n_params, trial).total_bytes + gathered + activation_floor_bytes
             if need <= budget_bytes:
                 found.append((world, stage, need))
                 break
@@ -173,18 +178,20 @@ def _zero_options(n_params: int, setup, activation_floor_bytes: int, budget_byte
 
 def _budget_message(graph, setup, exc: BudgetError, budget_bytes: int, budget_text: str) -> str:
     states = graph.model_state_bytes
-    floor = max(0, exc.min_feasible_bytes - states)
+    floor = max(0, exc.min_feasible_bytes - graph.resident_bytes)
     shards = f"ZeRO-{setup.zero_stage} over {setup.world_size} GPUs" if setup.zero_stage else "no ZeRO sharding"
-    if exc.dominated_by == "model states" or states > budget_bytes:
+    if exc.dominated_by == "model states" or graph.resident_bytes > budget_bytes:
+        gathered = (f", plus {format_bytes(graph.gathered_param_bytes)} of parameters ZeRO-3 gathers for a block"
+                    if graph.gathered_param_bytes else "")
         head = (f"budget {budget_text} is below the model states: parameters {format_bytes(graph.param_bytes)} + "
                 f"gradients {format_bytes(graph.grad_bytes)} + optimizer {format_bytes(graph.optimizer_bytes)} = "
-                f"{format_bytes(states)} per GPU ({setup.dtype}, {setup.optimizer}, {shards}); with its leanest "
-                f"activation plan the step needs {format_bytes(exc.min_feasible_bytes)}")
+                f"{format_bytes(states)} per GPU ({setup.dtype}, {setup.optimizer}, {shards}){gathered}; with its "
+                f"leanest activation plan the step needs {format_bytes(exc.min_feasible_bytes)}")
     else:
         head = (f"no plan fits budget {budget_text}: the step needs at least {format_bytes(exc.min_feasible_bytes)}, "
                 f"set by {exc.dominated_by}")
     n_params = graph.meta.get("n_params")
-    options = _zero_options(n_params, setup, floor, budget_bytes) if isinstance(n_params, int) else []
+    options = _zero_options(graph, n_params, setup, floor, budget_bytes) if isinstance(n_params, int) else []
     options = [o for o in options if (o[1], o[0]) != (setup.zero_stage, setup.world_size)]
     if options:
         fixes = " or ".join(f"ZeRO-{stage} over {world} GPUs (--zero-stage {stage} --world-size {world}, "

@@ -22,7 +22,7 @@ from typing import Any
 
 from .config import MemoptConfig
 from .errors import MemoptError
-from .graph import TrainingGraph
+from .graph import TrainingGraph, zero3_gathered_bytes
 from .hardware import Hardware
 
 __all__ = [
@@ -403,9 +403,11 @@ def fake_profile(model: Any, setup: TrainingSetup, hardware: Hardware, config: M
     limit_note = getattr(hf_config, "max_position_embeddings", None)
     if isinstance(limit_note, int) and setup.seq_len > limit_note:
         meta["note"] = f"seq {setup.seq_len} exceeds the model's max_position_embeddings ({limit_note})"
+    gathered = (zero3_gathered_bytes(graph.units, DTYPE_BYTES[setup.dtype] * n_params, setup.world_size)
+                if setup.zero_stage == 3 else 0)
     return dataclasses.replace(
         graph, param_bytes=states.param_bytes, grad_bytes=states.grad_bytes, optimizer_bytes=states.optimizer_bytes,
-        sharding_degree=setup.world_size if setup.zero_stage else 1, meta=meta)
+        sharding_degree=setup.world_size if setup.zero_stage else 1, gathered_param_bytes=gathered, meta=meta)
 
 
 def analytic_param_count(hf_config) -> int:

@@ -14,7 +14,7 @@ from typing import Any
 from .hardware import Hardware
 from .units import format_bytes
 
-__all__ = ["Decision", "Plan", "TrainingGraph", "Unit"]
+__all__ = ["Decision", "Plan", "TrainingGraph", "Unit", "zero3_gathered_bytes"]
 
 
 @dataclass
@@ -98,6 +98,8 @@ class TrainingGraph:
         other_forward_s (float): forward time outside the units, seconds.
         other_backward_s (float): backward time outside the units, seconds.
         sharding_degree (int): ZeRO/FSDP degree the model states were divided by.
+        gathered_param_bytes (int): parameter bytes gathered beyond this rank's shard while the step runs
+            (ZeRO-3: see ``zero3_gathered_bytes``); held like the model states.
         meta (dict): free-form facts (model name, batch shape, dtype, how it was profiled).
     """
 
@@ -111,6 +113,7 @@ class TrainingGraph:
     other_forward_s: float = 0.0
     other_backward_s: float = 0.0
     sharding_degree: int = 1
+    gathered_param_bytes: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -119,10 +122,17 @@ class TrainingGraph:
             raise ValueError(f"unit names must be unique, got {names}")
         if self.sharding_degree < 1:
             raise ValueError(f"sharding_degree must be >= 1, got {self.sharding_degree!r}")
+        if self.gathered_param_bytes < 0:
+            raise ValueError(f"gathered_param_bytes must be >= 0, got {self.gathered_param_bytes!r}")
 
     @property
     def model_state_bytes(self) -> int:
         return self.param_bytes + self.grad_bytes + self.optimizer_bytes
+
+    @property
+    def resident_bytes(self) -> int:
+        """Device bytes held through the whole step whatever the plan: model states and gathered parameters."""
+        return self.model_state_bytes + self.gathered_param_bytes
 
     @property
     def activation_bytes(self) -> int:
@@ -280,3 +290,17 @@ class Plan:
     @classmethod
     def from_json(cls, text: str) -> Plan:
         return cls.from_dict(json.loads(text))
+
+
+def zero3_gathered_bytes(units: list[Unit], param_bytes: int, world_size: int) -> int:
+    """Parameter bytes ZeRO-3 holds gathered beyond a rank's shard: the full parameters of the unit at work
+    and of the one prefetched next (twice the largest unit's parameter bytes), at most the rest of the model.
+
+    Args:
+        units (list[Unit]): the units, with ``param_grad_bytes`` (their parameters' bytes).
+        param_bytes (int): the whole model's parameter bytes, unsharded.
+        world_size (int): ranks the parameters are sharded over.
+    """
+    shard = -(-param_bytes // world_size)
+    largest = max((u.param_grad_bytes for u in units), default=0)
+    return min(param_bytes - shard, 2 * largest)

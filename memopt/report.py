@@ -150,6 +150,8 @@ def breakdown(graph: TrainingGraph) -> list[tuple[str, int, str]]:
         ("parameters", graph.param_bytes, f"{dtype} {count}".strip()),
         ("gradients", graph.grad_bytes, dtype or "as profiled"),
         ("optimizer state", graph.optimizer_bytes, meta.get("model_states_convention", "as profiled")),
+        *([("gathered parameters", graph.gathered_param_bytes,
+            "ZeRO-3: full parameters of the unit at work and the next one")] if graph.gathered_param_bytes else []),
         ("activations", unit_saved + graph.fixed_activation_bytes,
          f"saved for backward by {len(graph.units)} units ({format_bytes(unit_saved)}) and outside them"),
         ("logits / loss", graph.head_workspace_bytes, "peak where forward turns to backward: logits, loss, gradients"),
@@ -162,7 +164,7 @@ def render_breakdown(graph: TrainingGraph, request: dict[str, Any] | None = None
     lines = [f"memopt plan: {_title(graph, request or {})}", f"GPU {_hardware_line(graph)}", "",
              "memory breakdown (per GPU)"]
     for name, nbytes, how in breakdown(graph):
-        lines.append(f"  {name:<16} {format_bytes(nbytes):>12}   {how}")
+        lines.append(f"  {name:<19} {format_bytes(nbytes):>12}   {how}")
     return "\n".join(lines)
 
 
@@ -221,7 +223,7 @@ def render_text(report: PlanReport) -> str:
     """The report as the CLI prints it: breakdown, plan per unit, comparison, host, layout, verdict."""
     plan, sim, graph = report.plan, report.simulated, report.graph
     lines = [render_breakdown(graph, report.request)]
-    lines.append(f"  {'peak, no saving':<16} {format_bytes(report.baselines['none'].predicted_peak_bytes):>12}   "
+    lines.append(f"  {'peak, no saving':<19} {format_bytes(report.baselines['none'].predicted_peak_bytes):>12}   "
                  "simulated, at the step's fullest moment")
     lines += ["", "plan per unit", f"  {'unit':<28} {'mode':<10} {'saved':>11} {'on device':>11} {'to host':>11} "
               f"{'recompute':>9}"]

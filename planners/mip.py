@@ -181,7 +181,7 @@ def _add_memory(prob: Any, graph: TrainingGraph, terms: list[_UnitTerms], cap: A
     n = len(units)
     is_async = graph.hardware.async_copies
     swapped = [t.swapped for t in terms]
-    const = (graph.model_state_bytes + graph.fixed_activation_bytes) / mem_scale
+    const = (graph.resident_bytes + graph.fixed_activation_bytes) / mem_scale
     # held_before[u] = bytes held by the units before u; one variable each keeps the program linear in size.
     held_before: list[Any] = [0.0]
     for u in range(n):
@@ -444,12 +444,14 @@ def solve(graph: TrainingGraph, budget_bytes: int, *, host_budget_bytes: int | N
     # Keeping everything is the fastest plan there is (no copies, no recompute): done if it fits.
     if _fits(baseline, budget_bytes, opts.host_budget_bytes):
         return plan(keep_all, baseline, "optimal", 0.0)
-    if graph.model_state_bytes > budget_bytes:
+    if graph.resident_bytes > budget_bytes:
         minimum, _ = min_feasible_bytes(graph, host_budget_bytes=opts.host_budget_bytes, row_multiple=row_multiple,
                                         allow_swap=allow_swap, allow_recompute=allow_recompute, lookahead=lookahead,
                                         time_limit_s=time_limit_s)
+        gathered = (f" and {format_bytes(graph.gathered_param_bytes)} of gathered ZeRO-3 parameters"
+                    if graph.gathered_param_bytes else "")
         raise _budget_error(budget_bytes, minimum, "model states",
-                            f"model states alone take {format_bytes(graph.model_state_bytes)}")
+                            f"model states alone take {format_bytes(graph.model_state_bytes)}{gathered}")
 
     # The fastest fitting baseline bounds what the solver may return. It is not given to CBC as a MIP
     # start: CBC 2.10 has been seen to return such a start as "optimal" when a plan 4 % faster existed,

@@ -3,8 +3,8 @@
 The simulator is the ground truth of the planner package. The MIP models exactly the memory and time
 rules written here, baselines are compared through it, and every ``Plan`` carries its figures.
 
-Memory. ``base`` (model states) and ``fixed`` (activations saved outside every unit) are held the whole
-step. For unit u with realised fractions (k, s, r) of its saved bytes ``S`` and input bytes ``I``:
+Memory. ``base`` (model states, and the parameters ZeRO-3 gathers) and ``fixed`` (activations saved
+outside every unit) are held the whole step. For unit u with realised fractions (k, s, r) of its saved bytes ``S`` and input bytes ``I``:
 
 - ``held = k*S + r*I`` stays on the device from the end of u's forward until u's backward ends;
 - ``swapped = s*S`` is copied to host memory;
@@ -199,7 +199,7 @@ def simulate_amounts(graph: TrainingGraph, amounts: Sequence[UnitAmounts], *, lo
     n = len(units)
     hw = graph.hardware
     is_async = hw.async_copies
-    base = graph.model_state_bytes
+    base = graph.resident_bytes
     fixed = graph.fixed_activation_bytes
     swapped = [a.swapped_bytes for a in amounts]
     d2h_s = [b / hw.d2h_bytes_per_s for b in swapped]

@@ -103,8 +103,11 @@ def test_zero_sharding_of_model_states():
     units = [dataclasses.replace(u, param_grad_bytes=1000 * (i + 1)) for i, u in enumerate(graph.units)]
     graph = dataclasses.replace(graph, units=units, param_bytes=40_000)
     sharded = shard_model_states(graph, 3, 4)
-    assert sharded.param_bytes == 10_000 + 2 * 4000 and sharded.grad_bytes == ceil(graph.grad_bytes, 4)
-    assert shard_model_states(graph, 3, 1).param_bytes == 40_000
+    assert sharded.param_bytes == 10_000 and sharded.gathered_param_bytes == 2 * 4000
+    assert sharded.grad_bytes == ceil(graph.grad_bytes, 4) and sharded.resident_bytes == sharded.model_state_bytes + 8000
+    whole = shard_model_states(graph, 3, 1)
+    assert whole.param_bytes == 40_000 and whole.gathered_param_bytes == 0
+    assert shard_model_states(graph, 2, 4).gathered_param_bytes == 0
     with pytest.raises(ValueError, match="stage must be 0, 1, 2 or 3"):
         shard_model_states(graph, 4, 4)
 

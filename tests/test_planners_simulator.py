@@ -103,3 +103,19 @@ def test_rejects_bad_decisions(decisions: list[Decision], match: str) -> None:
 def test_rejects_bad_lookahead() -> None:
     with pytest.raises(ValueError, match="lookahead"):
         simulate(toy_graph(async_copies=True, copy_bytes_per_s=1.0), [KEEP0, KEEP1], lookahead=0)
+
+
+def test_gathered_parameters_are_held_like_model_states() -> None:
+    """ZeRO-3's gathered parameters raise every phase by their bytes, in the model-states category."""
+    import dataclasses
+
+    graph = toy_graph(async_copies=True, copy_bytes_per_s=100.0)
+    gathered = dataclasses.replace(graph, gathered_param_bytes=25)
+    assert gathered.resident_bytes == graph.model_state_bytes + 25 == 125
+    plain = simulate(graph, [KEEP0, RECOMPUTE1])
+    more = simulate(gathered, [KEEP0, RECOMPUTE1])
+    assert more.peak_bytes == plain.peak_bytes + 25 and more.step_s == plain.step_s
+    assert [cats["model states"] for _, _, cats in more.timeline] == [125] * len(plain.timeline)
+    assert TrainingGraph.from_json(gathered.to_json()) == gathered
+    with pytest.raises(ValueError, match="gathered_param_bytes"):
+        dataclasses.replace(graph, gathered_param_bytes=-1)
