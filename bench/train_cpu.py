@@ -89,7 +89,7 @@ def main() -> None:
             except memopt.BudgetError as error:
                 print(f"memopt {budget}: {error}")
                 continue
-            plan_state[0] = handle.graph.model_state_bytes
+            plan_state[0] = handle.graph.resident_bytes
             name = f"memopt-{int(budget * 100)}%" + ("" if allow_swap else "-recompute-only")
             row(name, *measure(model, batches), plan=handle.plan)
             handle.remove()

@@ -60,7 +60,7 @@ def main() -> None:
         print(f"step {step}: loss {loss.item():.4f}")
     handle.remove()
     print(f"\nactivation peak: {format_bytes(before)} without memopt, {format_bytes(after)} with "
-          f"({after / before:.0%}); predicted {format_bytes(plan.predicted_peak_bytes - graph.model_state_bytes)}")
+          f"({after / before:.0%}); predicted {format_bytes(plan.predicted_peak_bytes - graph.resident_bytes)}")
 
 
 if __name__ == "__main__":

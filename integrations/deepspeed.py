@@ -32,23 +32,38 @@ except ImportError as error:  # pragma: no cover - exercised only without deepsp
     raise ImportError("memopt.integrations.deepspeed needs: pip install 'memopt[deepspeed]'") from error
 
 import memopt
-from memopt.graph import zero3_gathered_bytes
+from memopt.graph import ZERO3_MAX_REUSE_DISTANCE, zero3_gathered_bytes
 
 __all__ = ["initialize", "shard_model_states"]
 
 
-def shard_model_states(graph: memopt.TrainingGraph, zero_stage: int, world_size: int) -> memopt.TrainingGraph:
+def shard_model_states(graph: memopt.TrainingGraph, zero_stage: int, world_size: int, *,
+                       group_bytes: list[int] | None = None, n_params: int | None = None,
+                       max_reuse_distance: int = ZERO3_MAX_REUSE_DISTANCE) -> memopt.TrainingGraph:
     """The graph with its model states as one data-parallel rank holds them under ZeRO ``zero_stage``.
 
     Stage 1 divides the optimizer state by ``world_size``, stage 2 the gradients too, stage 3 the
-    parameters too, and counts what ZeRO-3 gathers while it runs (``memopt.graph.zero3_gathered_bytes``)
-    as ``gathered_param_bytes``.
+    parameters too, and counts what ZeRO-3 gathers while it runs as ``gathered_param_bytes``
+    (``memopt.graph.zero3_gathered_bytes``: the whole rest of the model when it has at most
+    ``max_reuse_distance`` parameters, else its two largest groups).
+
+    Args:
+        group_bytes (list[int] | None): parameter bytes of each unit and of those outside every unit;
+            None takes the units' trainable parameter bytes and the rest.
+        n_params (int | None): the model's parameter count; None counts it as within the reuse distance.
+        max_reuse_distance (int): DeepSpeed's ``stage3_max_reuse_distance``.
     """
     _check_stage(zero_stage, world_size)
     optimizer = _shard(graph.optimizer_bytes, world_size) if zero_stage >= 1 else graph.optimizer_bytes
     grads = _shard(graph.grad_bytes, world_size) if zero_stage >= 2 else graph.grad_bytes
-    params = _shard(graph.param_bytes, world_size) if zero_stage >= 3 else graph.param_bytes
-    gathered = zero3_gathered_bytes(graph.units, graph.param_bytes, world_size) if zero_stage >= 3 else 0
+    params, gathered = graph.param_bytes, 0
+    if zero_stage >= 3:
+        params = _shard(graph.param_bytes, world_size)
+        if group_bytes is None:
+            units = [u.param_grad_bytes for u in graph.units]
+            group_bytes = units + [max(0, graph.param_bytes - sum(units))]
+        gathered = zero3_gathered_bytes(group_bytes, graph.param_bytes, world_size,
+                                        0 if n_params is None else n_params, max_reuse_distance)
     return dataclasses.replace(graph, optimizer_bytes=optimizer, grad_bytes=grads, param_bytes=params,
                                gathered_param_bytes=gathered, sharding_degree=world_size if zero_stage else 1)
 
@@ -141,8 +156,22 @@ def _apply(model: torch.nn.Module, section: dict, ds_config: dict, sample: Any, 
         loader = torch.utils.data.DataLoader(training_data, batch_size=batch_size, collate_fn=collate_fn)
         sample = next(iter(loader))
     sample = _to(sample, device)
-    graph = shard_model_states(memopt.profile(model, sample, config), zero, world)
+    graph = memopt.profile(model, sample, config)
+    zero_section = ds_config.get("zero_optimization", {})
+    graph = shard_model_states(graph, zero, world, group_bytes=_group_bytes(model, graph),
+                               n_params=sum(p.numel() for p in model.parameters()),
+                               max_reuse_distance=int(zero_section.get("stage3_max_reuse_distance",
+                                                                       ZERO3_MAX_REUSE_DISTANCE)))
     return memopt.apply(model, memopt.plan(graph, section["budget"], config), config, graph)
+
+
+def _group_bytes(model: torch.nn.Module, graph: memopt.TrainingGraph) -> list[int]:
+    """Parameter bytes, frozen ones included, of each unit and of those outside every unit."""
+    def nbytes(params) -> int:
+        return sum(p.numel() * p.element_size() for p in params)
+
+    units = [nbytes(model.get_submodule(u.name).parameters()) for u in graph.units]
+    return units + [max(0, nbytes(model.parameters()) - sum(units))]
 
 
 def _to(batch: Any, device: torch.device) -> Any:

@@ -158,16 +158,14 @@ def _zero_options(graph, n_params: int, setup, activation_floor_bytes: int,
                   budget_bytes: int) -> list[tuple[int, int, int]]:
     """(GPUs, ZeRO stage, bytes) of the smallest world size per stage whose states (with the parameters
     ZeRO-3 gathers) and activations fit."""
-    from .fake_profile import DTYPE_BYTES, model_states
-    from .graph import zero3_gathered_bytes
+    from .fake_profile import model_states, zero3_gathered
 
     found = []
     for stage in (3, 2, 1):
         world = 2
         while world <= 4096:
             trial = dataclasses.replace(setup, zero_stage=stage, world_size=world)
-            gathered = (zero3_gathered_bytes(graph.units, DTYPE_BYTES[setup.dtype] * n_params, world)
-                        if stage == 3 else 0)
+            gathered = zero3_gathered(graph, n_params, setup.dtype, world) if stage == 3 else 0
             need = model_states(n_params, trial).total_bytes + gathered + activation_floor_bytes
             if need <= budget_bytes:
                 found.append((world, stage, need))

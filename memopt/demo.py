@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             handle.remove()
             exact = max_difference(reference, params) == 0.0
             mix = ", ".join(f"{n} {m}" for m, n in _count(d.mode for d in plan.decisions))
-            predicted = plan.predicted_peak_bytes - _model_state_bytes(handle)
+            predicted = plan.predicted_peak_bytes - _resident_bytes(handle)
             rows.append((name, mix, format_bytes(predicted), peak, step_s, exact, f"planned in {plan_s:.2f} s"))
             ok = ok and exact
 
@@ -131,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
-def _model_state_bytes(handle) -> int:
+def _resident_bytes(handle) -> int:
     graph = handle.graph
-    return graph.model_state_bytes if graph is not None else 0
+    return graph.resident_bytes if graph is not None else 0
 
 
 def _count(items) -> list[tuple[str, int]]:

@@ -161,6 +161,14 @@ def model_states(n_params: int, setup: TrainingSetup) -> ModelStates:
                        convention=convention)
 
 
+def zero3_gathered(graph: TrainingGraph, n_params: int, dtype: str, world_size: int) -> int:
+    """``zero3_gathered_bytes`` for a modelled step under DeepSpeed's default settings: each unit's
+    parameters, and those outside every unit, as the groups gathered together."""
+    full = DTYPE_BYTES[dtype] * n_params
+    units = [u.param_grad_bytes for u in graph.units]
+    return zero3_gathered_bytes(units + [max(0, full - sum(units))], full, world_size, n_params)
+
+
 def _read_json(path: Path) -> dict:
     try:
         text = path.read_text()
@@ -403,8 +411,7 @@ def fake_profile(model: Any, setup: TrainingSetup, hardware: Hardware, config: M
     limit_note = getattr(hf_config, "max_position_embeddings", None)
     if isinstance(limit_note, int) and setup.seq_len > limit_note:
         meta["note"] = f"seq {setup.seq_len} exceeds the model's max_position_embeddings ({limit_note})"
-    gathered = (zero3_gathered_bytes(graph.units, DTYPE_BYTES[setup.dtype] * n_params, setup.world_size)
-                if setup.zero_stage == 3 else 0)
+    gathered = zero3_gathered(graph, n_params, setup.dtype, setup.world_size) if setup.zero_stage == 3 else 0
     return dataclasses.replace(
         graph, param_bytes=states.param_bytes, grad_bytes=states.grad_bytes, optimizer_bytes=states.optimizer_bytes,
         sharding_degree=setup.world_size if setup.zero_stage else 1, gathered_param_bytes=gathered, meta=meta)

@@ -14,7 +14,7 @@ from typing import Any
 from .hardware import Hardware
 from .units import format_bytes
 
-__all__ = ["Decision", "Plan", "TrainingGraph", "Unit", "zero3_gathered_bytes"]
+__all__ = ["Decision", "Plan", "TrainingGraph", "Unit", "ZERO3_MAX_REUSE_DISTANCE", "zero3_gathered_bytes"]
 
 
 @dataclass
@@ -292,15 +292,28 @@ class Plan:
         return cls.from_dict(json.loads(text))
 
 
-def zero3_gathered_bytes(units: list[Unit], param_bytes: int, world_size: int) -> int:
-    """Parameter bytes ZeRO-3 holds gathered beyond a rank's shard: the full parameters of the unit at work
-    and of the one prefetched next (twice the largest unit's parameter bytes), at most the rest of the model.
+#: DeepSpeed's default ``stage3_max_reuse_distance``, in parameters.
+ZERO3_MAX_REUSE_DISTANCE = 1_000_000_000
+
+
+def zero3_gathered_bytes(group_bytes: list[int], param_bytes: int, world_size: int, n_params: int,
+                         max_reuse_distance: int = ZERO3_MAX_REUSE_DISTANCE) -> int:
+    """Parameter bytes ZeRO-3 holds gathered beyond a rank's shard, at most the rest of the model.
+
+    DeepSpeed keeps a gathered parameter until its next use when that use comes within
+    ``stage3_max_reuse_distance`` parameters; every parameter's next use (its backward) comes within the
+    model's size, so a model no larger than that distance stays gathered whole. A larger one holds the
+    parameters of the group at work and of the one prefetched next: the two largest groups.
 
     Args:
-        units (list[Unit]): the units, with ``param_grad_bytes`` (their parameters' bytes).
+        group_bytes (list[int]): parameter bytes of each unit, and of the parameters outside every unit.
         param_bytes (int): the whole model's parameter bytes, unsharded.
         world_size (int): ranks the parameters are sharded over.
+        n_params (int): the model's parameter count.
+        max_reuse_distance (int, default DeepSpeed's 1e9): ``stage3_max_reuse_distance``.
     """
-    shard = -(-param_bytes // world_size)
-    largest = max((u.param_grad_bytes for u in units), default=0)
-    return min(param_bytes - shard, 2 * largest)
+    rest = param_bytes - -(-param_bytes // world_size)
+    if n_params <= max_reuse_distance:
+        return rest
+    largest = sorted(group_bytes, reverse=True)[:2]
+    return min(rest, sum(largest))

@@ -250,8 +250,8 @@ def plan_tensors(graph: TrainingGraph, plan: Plan, *, lookahead: int = 1) -> tup
     """The device tensors of a plan, with lifetimes in phase indices, as the simulator counts bytes.
 
     Phases: forward of unit u is ``u``, the head is ``n``, backward of unit u is ``2n - u``. At every
-    phase the live bytes equal the simulator's figure minus model states, so the lower bound of their
-    layout is the simulated peak less model states.
+    phase the live bytes equal the simulator's figure minus the resident bytes (model states, and the
+    parameters ZeRO-3 gathers), so the lower bound of their layout is the simulated peak less those.
     """
     units = graph.units
     n = len(units)

@@ -124,9 +124,8 @@ def test_fake_profile_model_states_equal_analytic_counts():
     assert graph.optimizer_bytes == -(-12 * n // 8)
     assert graph.sharding_degree == 8
     assert graph.meta["profiled"] == "fake"
-    # ZeRO-3 gathers a block's full parameters while it runs, and prefetches the next block's.
-    largest = max(u.param_grad_bytes for u in graph.units)
-    assert largest > 0 and graph.gathered_param_bytes == min(2 * n - graph.param_bytes, 2 * largest)
+    # Under DeepSpeed's default reuse distance (1e9 parameters) ZeRO-3 keeps a model this small gathered whole.
+    assert graph.gathered_param_bytes == 2 * n - graph.param_bytes
     assert graph.resident_bytes == graph.model_state_bytes + graph.gathered_param_bytes
 
 

@@ -30,17 +30,44 @@ if kind == "mlp":
 elif kind == "llama":
     model = hf_causal_lm("llama", num_hidden_layers=4)
     batches = [hf_sample(seq=128, seed=i) for i in range(3)]
-else:  # "gpt2-selective": every layer selective (keep matmul/attention outputs, replay the rest), applied by hand
+elif kind == "gpt2-selective":  # every layer selective (keep matmul/attention outputs, replay the rest), by hand
     model = hf_causal_lm("gpt2", attn_implementation="sdpa", n_layer=3)
     batches = [hf_sample(seq=128, seed=i) for i in range(3)]
+else:  # "view-tokenwise": units that save a view of a weight (x @ w.t(), which ZeRO-3 does not patch), split by rows
+    class ProjT(torch.nn.Module):
+        def __init__(self, i, o):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(o, i) / i ** 0.5)
+
+        def forward(self, x):
+            return torch.matmul(x, self.weight.t())
+
+    class Net(torch.nn.Module):
+        def __init__(self, h=64):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.LayerNorm(h), ProjT(h, 4 * h), torch.nn.GELU(),
+                                                                  ProjT(4 * h, h)) for _ in range(3))
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = x + block(x)
+            return x.square().mean()
+
+    model = Net()
+    batches = [torch.randn(2, 128, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
 config = {"train_batch_size": 2, "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}},
           "zero_optimization": {"stage": stage}}
 handle = None
-if use_memopt and kind == "gpt2-selective":
+if use_memopt and kind in ("gpt2-selective", "view-tokenwise"):
     from memopt.graph import Decision, Plan
+    from memopt.planners import realize
     graph = memopt.profile(model, batches[0])
-    handle = memopt.apply(model, Plan([Decision(u.name, 0.0, 0.0, 1.0, selective=True) for u in graph.units],
-                                      1, 1, 0, 0.0, 0.0, 0))
+    if kind == "gpt2-selective":
+        decisions = [Decision(u.name, 0.0, 0.0, 1.0, selective=True) for u in graph.units]
+    else:  # keep the first 128 of 256 rows, swap 64, recompute 64
+        assert all(u.token_separable for u in graph.units)
+        decisions = [realize(u, 0.5, 0.25, 0.25) for u in graph.units]
+    handle = memopt.apply(model, Plan(decisions, 1, 1, 0, 0.0, 0.0, 0, host_bytes=1 << 22))
 elif use_memopt:
     config["memopt"] = {"budget": 0.4, "allow_swap": swap}
 init = initialize if use_memopt and handle is None else deepspeed.initialize
@@ -77,14 +104,17 @@ def test_deepspeed_zero2_with_memopt_is_exact():
 
 
 @pytest.mark.parametrize(("kind", "swap", "ports"), [("mlp", False, (29613, 29614)), ("llama", True, (29615, 29616)),
-                                                   ("gpt2-selective", False, (29617, 29618))])
+                                                   ("gpt2-selective", False, (29617, 29618)),
+                                                   ("view-tokenwise", True, (29619, 29620))])
 def test_deepspeed_zero3_with_memopt_is_exact(kind, swap, ports):
     """ZeRO-3 gathers each module's parameters before it runs and releases them after, in backward too:
     recompute (token-wise included), selective and swap plans train to the same weights as plain ZeRO-3."""
     plain = _run(False, ports[0], stage=3, kind=kind)
     planned = _run(True, ports[1], stage=3, kind=kind, swap=swap)
     assert planned["modes"] != ["keep"]
-    assert (planned["swapped"] > 0) if swap else (planned["recomputes"] > 0)
+    assert planned["swapped"] > 0 if swap else planned["recomputes"] > 0
+    if kind == "view-tokenwise":
+        assert planned["recomputes"] > 0  # rows recomputed too
     assert planned["params"] == plain["params"]
 
 
@@ -99,14 +129,16 @@ def test_zero_sharding_of_model_states():
         assert sharded.optimizer_bytes == ceil(graph.optimizer_bytes, opt)
         assert sharded.grad_bytes == ceil(graph.grad_bytes, grads)
         assert sharded.param_bytes == graph.param_bytes
-    # Stage 3: a quarter of the parameters, plus the gathered ones of two units (at most the rest).
+    # Stage 3: a quarter of the parameters, plus what ZeRO-3 keeps gathered: all the rest for a model within
+    # DeepSpeed's reuse distance (1e9 parameters by default), else the two largest groups (units, the rest).
     units = [dataclasses.replace(u, param_grad_bytes=1000 * (i + 1)) for i, u in enumerate(graph.units)]
-    graph = dataclasses.replace(graph, units=units, param_bytes=40_000)
-    sharded = shard_model_states(graph, 3, 4)
-    assert sharded.param_bytes == 10_000 and sharded.gathered_param_bytes == 2 * 4000
-    assert sharded.grad_bytes == ceil(graph.grad_bytes, 4) and sharded.resident_bytes == sharded.model_state_bytes + 8000
-    whole = shard_model_states(graph, 3, 1)
-    assert whole.param_bytes == 40_000 and whole.gathered_param_bytes == 0
+    graph = dataclasses.replace(graph, units=units, param_bytes=12_000)  # groups 1000..4000 and 2000 outside
+    small = shard_model_states(graph, 3, 4, n_params=6_000)
+    assert small.param_bytes == 3000 and small.gathered_param_bytes == 9000
+    assert small.resident_bytes == small.model_state_bytes + 9000
+    large = shard_model_states(graph, 3, 4, n_params=6_000, max_reuse_distance=5_000)
+    assert large.gathered_param_bytes == 4000 + 3000 and large.grad_bytes == ceil(graph.grad_bytes, 4)
+    assert shard_model_states(graph, 3, 1).gathered_param_bytes == 0
     assert shard_model_states(graph, 2, 4).gathered_param_bytes == 0
     with pytest.raises(ValueError, match="stage must be 0, 1, 2 or 3"):
         shard_model_states(graph, 4, 4)

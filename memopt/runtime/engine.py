@@ -259,9 +259,9 @@ class Frame:
 
         def capture(tensor):
             # Detached, and nothing handed back to the throwaway graph: a saved output that points at its
-            # own grad_fn would form a reference cycle autograd never frees. A parameter (a leaf) stays
-            # itself, as pack left it: its data may be gathered only while its module runs (ZeRO-3).
-            captured.append(tensor if isinstance(tensor, torch.nn.Parameter) else tensor.detach())
+            # own grad_fn would form a reference cycle autograd never frees. A parameter or a view of one
+            # stays itself, as pack left it (still recognisable as one: under ZeRO-3 its storage is new).
+            captured.append(tensor if self.runtime.is_param(tensor) else tensor.detach())
 
         device = self.runtime.device
         devices = [device] if self.cuda_rng is not None else []

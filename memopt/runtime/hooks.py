@@ -89,8 +89,10 @@ class Runtime:
         self.param_storages = storages
 
     def is_param(self, tensor: torch.Tensor) -> bool:
-        """Whether a saved tensor is a parameter or buffer (or a view of one), which stays as it is."""
-        return isinstance(tensor, nn.Parameter) or tensor.untyped_storage() in self.param_storages
+        """Whether a saved tensor is a parameter or buffer (or a view of one), which stays as it is. A view
+        is told by its base too: under ZeRO-3 a gathered weight's storage is new at every forward."""
+        return (isinstance(tensor, nn.Parameter) or isinstance(tensor._base, nn.Parameter)
+                or tensor.untyped_storage() in self.param_storages)
 
     # -- the wrapped forward ------------------------------------------------------------------------
     def _call(self, index: int, forward, *args, **kwargs):
