@@ -8,12 +8,13 @@ Same signature and return as ``deepspeed.initialize``, plus an optional ``sample
 it the first micro-batch of ``training_data`` is used. Before DeepSpeed wraps the model, memopt moves it
 to the accelerator and the configured dtype (as DeepSpeed would), profiles one step on the sample, divides
 the model states by the data-parallel world size as the ZeRO stage shards them (stage 1: optimizer state,
-stage 2: and gradients, stage 3: and parameters, plus the parameters it gathers for the unit at work and
-the next), plans under the budget and applies the plan; the handle is ``engine.memopt_handle``. The
-``"memopt"`` section takes ``budget`` and any ``MemoptConfig`` field.
+stage 2: and gradients, stage 3: and parameters, plus the parameters it keeps gathered: the whole model
+within ``stage3_max_reuse_distance`` parameters, else its two largest blocks), plans under the budget and
+applies the plan; the handle is ``engine.memopt_handle``. The ``"memopt"`` section takes ``budget`` and
+any ``MemoptConfig`` field.
 
 Under ZeRO-3 a parameter's data comes and goes (gathered before its module runs, released after):
-memopt keeps every saved parameter as the parameter itself, and a recompute runs inside backward with
+memopt keeps every saved parameter (or view of one) as it is, and a recompute runs inside backward with
 DeepSpeed's hooks gathering what it needs, while the parameters gathered for the backward in progress stay
 gathered through it.
 """
