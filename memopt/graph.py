@@ -100,6 +100,9 @@ class TrainingGraph:
         sharding_degree (int): ZeRO/FSDP degree the model states were divided by.
         gathered_param_bytes (int): parameter bytes gathered beyond this rank's shard while the step runs
             (ZeRO-3: see ``zero3_gathered_bytes``); held like the model states.
+        shared_input_bytes (int): tensors the step makes and passes to several units (an attention mask,
+            rotary tables): alive through the forward, and until the end of backward when a unit is
+            recomputed (wholly or selectively), whose recompute needs them.
         meta (dict): free-form facts (model name, batch shape, dtype, how it was profiled).
     """
 
@@ -114,6 +117,7 @@ class TrainingGraph:
     other_backward_s: float = 0.0
     sharding_degree: int = 1
     gathered_param_bytes: int = 0
+    shared_input_bytes: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -122,8 +126,9 @@ class TrainingGraph:
             raise ValueError(f"unit names must be unique, got {names}")
         if self.sharding_degree < 1:
             raise ValueError(f"sharding_degree must be >= 1, got {self.sharding_degree!r}")
-        if self.gathered_param_bytes < 0:
-            raise ValueError(f"gathered_param_bytes must be >= 0, got {self.gathered_param_bytes!r}")
+        for key in ("gathered_param_bytes", "shared_input_bytes"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)!r}")
 
     @property
     def model_state_bytes(self) -> int:

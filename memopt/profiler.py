@@ -117,7 +117,9 @@ class _Recorder:
         # recompute seconds are replaced by the clock's reading since the unit's backward began.
         self.modelled_clock = clock is not None
         self.records = [_UnitRecord() for _ in names]
-        self.seen_inputs: set[int] = set()
+        self.input_owner: dict[int, tuple[int, int, bool]] = {}  # input storage -> (first unit, bytes, made by the step)
+        self.shared_inputs: set[int] = set()
+        self.shared_input_bytes = 0
         self.runtime: Runtime | None = None
         self.forward_t0 = 0.0
         self.fixed_bytes = 0
@@ -139,12 +141,23 @@ class _Recorder:
         for leaf in tree_leaves((args, kwargs)):
             if isinstance(leaf, torch.Tensor):
                 key = leaf.untyped_storage()._cdata
-                if key not in self.seen_inputs and not self.runtime.is_param(leaf):
-                    self.seen_inputs.add(key)
-                    if self.meter.tracks(leaf):
-                        rec.input_bytes += leaf.untyped_storage().nbytes()
-                    else:
-                        rec.outside_input_bytes += leaf.untyped_storage().nbytes()
+                first = self.input_owner.get(key)
+                if first is not None:
+                    if first[0] != index and first[2] and key not in self.shared_inputs:
+                        # Made by the step and passed to a second unit (a mask, rotary tables): not one
+                        # unit's input but shared, held while any recompute may need it.
+                        self.shared_inputs.add(key)
+                        self.records[first[0]].input_bytes -= first[1]
+                        self.shared_input_bytes += first[1]
+                    continue
+                if self.runtime.is_param(leaf):
+                    continue
+                nbytes, tracked = leaf.untyped_storage().nbytes(), self.meter.tracks(leaf)
+                self.input_owner[key] = (index, nbytes, tracked)
+                if tracked:
+                    rec.input_bytes += nbytes
+                else:
+                    rec.outside_input_bytes += nbytes
         self.sync()
         self.meter.reset_window()
         self.forward_t0 = self.clock()
@@ -251,7 +264,7 @@ class _Recorder:
         """
         fixed = self.fixed_at_last_forward
         out = []
-        prior = fixed
+        prior = fixed + self.shared_input_bytes  # every unit recomputed in safe mode: they hold the shared inputs
         for rec in self.records:
             saved = sum(b for b, outside in zip(rec.tensor_bytes, rec.outside) if not outside)
             out.append((max(0, rec.recompute_peak_live - prior - saved),
@@ -424,6 +437,7 @@ def profile_model(model: nn.Module, sample, config: MemoptConfig | None = None,
         optimizer_bytes=int(trainable * config.optimizer_states_per_param),
         fixed_activation_bytes=fixed,
         head_workspace_bytes=head_workspace,
+        shared_input_bytes=recorder.shared_input_bytes,
         other_forward_s=max(0.0, (t_forward_end - t0) - unit_forward),
         other_backward_s=max(0.0, (t_end - t_forward_end) - unit_backward),
         meta={"model": type(model).__name__, "profiled": "live", "device": str(device),

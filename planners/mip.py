@@ -97,6 +97,7 @@ class _UnitTerms:
     backward_extra: Any  # bytes beyond saved + workspace in backward (rebuilding a token-wise split from rows)
     recompute: Any  # fraction of the forward recomputed
     decode: Callable[[], Decision]
+    drops: Any = 0.0  # 1 when the forward saves nothing (whole or selective recompute): it holds shared inputs
 
 
 def _unit_terms(prob: Any, u: int, choice: UnitChoices, mem_scale: float) -> _UnitTerms:
@@ -138,20 +139,21 @@ def _unit_terms(prob: Any, u: int, choice: UnitChoices, mem_scale: float) -> _Un
             backward_extra=assembly_bytes(unit) / mem_scale * split,
             recompute=rec_frac,
             decode=lambda: choice.rows(int(round(keep.varValue or 0)), int(round(rec.varValue or 0))),
+            drops=full,
         )
     # Otherwise one option: swap the first j saved tensors (j = 0 keeps all), recompute the unit, or recompute
     # only its cheap ops. Each option: (held, swapped, forward working set, recomputed share of forward, decision).
     workspace = unit.forward_workspace_bytes / mem_scale
     checkpoint = unit.checkpoint_workspace_bytes / mem_scale
-    options: list[tuple[float, float, float, float, Callable[[], Decision]]] = [
-        ((unit.saved_bytes - p) / mem_scale, p / mem_scale, saved + workspace, 0.0, lambda j=j: choice.prefix(j))
+    options: list[tuple[float, float, float, float, Callable[[], Decision], float]] = [
+        ((unit.saved_bytes - p) / mem_scale, p / mem_scale, saved + workspace, 0.0, lambda j=j: choice.prefix(j), 0.0)
         for j, p in enumerate(choice.prefix_bytes)]
     if choice.allow_recompute:
-        options.append((inp, 0.0, checkpoint, 1.0, choice.recompute))
+        options.append((inp, 0.0, checkpoint, 1.0, choice.recompute, 1.0))
     if choice.allow_selective:
         kept = unit.selective_bytes / mem_scale
         share = min(1.0, unit.selective_s / unit.forward_s) if unit.forward_s > 0 else 0.0
-        options.append((kept + inp, 0.0, checkpoint + kept, share, choice.selective))
+        options.append((kept + inp, 0.0, checkpoint + kept, share, choice.selective, 1.0))
     picks = [pulp.LpVariable(f"option_{u}_{j}", 0, 1, cat="Binary") for j in range(len(options))]
     prob += pulp.lpSum(picks) == 1, f"one_option_{u}"
 
@@ -169,6 +171,7 @@ def _unit_terms(prob: Any, u: int, choice: UnitChoices, mem_scale: float) -> _Un
         backward_extra=0.0,
         recompute=term(3),
         decode=decode_option,
+        drops=term(5),
     )
 
 
@@ -188,6 +191,16 @@ def _add_memory(prob: Any, graph: TrainingGraph, terms: list[_UnitTerms], cap: A
         var = pulp.LpVariable(f"held_before_{u + 1}", 0)
         prob += var == held_before[u] + terms[u].held, f"held_prefix_{u}"
         held_before.append(var)
+    # Tensors passed to several units: held through the forward, and after it once any unit drops its
+    # forward (whole or selective recompute), whose recompute holds them (``holds_shared``: 1 then).
+    shared = graph.shared_input_bytes / mem_scale
+    shared_after: Any = 0.0
+    if shared:
+        holds = pulp.LpVariable("holds_shared", 0, 1)
+        for u, t in enumerate(terms):
+            if not isinstance(t.drops, (int, float)):
+                prob += holds >= t.drops, f"holds_shared_{u}"
+        shared_after = shared * holds
     fits = True
 
     def limit(lhs: Any, name: str) -> None:
@@ -199,12 +212,12 @@ def _add_memory(prob: Any, graph: TrainingGraph, terms: list[_UnitTerms], cap: A
 
     for u, unit in enumerate(units):
         inflight = swapped[u - 1] if is_async and u else 0.0
-        limit(const + held_before[u] + inflight + terms[u].working, f"mem_F_{u}")
+        limit(const + shared + held_before[u] + inflight + terms[u].working, f"mem_F_{u}")
         prefetch = pulp.lpSum(swapped[max(0, u - lookahead):u]) if is_async and u else 0.0
-        limit(const + held_before[u] + (unit.saved_bytes + unit.backward_workspace_bytes) / mem_scale + prefetch
-              + terms[u].backward_extra, f"mem_B_{u}")
+        limit(const + shared_after + held_before[u] + (unit.saved_bytes + unit.backward_workspace_bytes) / mem_scale
+              + prefetch + terms[u].backward_extra, f"mem_B_{u}")
     last_swap = swapped[n - 1] if is_async and n else 0.0
-    limit(const + held_before[n] + last_swap + graph.head_workspace_bytes / mem_scale, "mem_T")
+    limit(const + shared_after + held_before[n] + last_swap + graph.head_workspace_bytes / mem_scale, "mem_T")
     return fits
 
 

@@ -12,13 +12,15 @@ outside every unit) are held the whole step. For unit u with realised fractions 
 - a selective recompute keeps only the outputs of the expensive ops (``held = selective bytes + I``), its
   forward holds those and the checkpoint workspace, and it recomputes the cheap ops (``selective_s``).
 
-Forward of u holds ``base + fixed + sum(held[v<u]) + inflight + eff[u] + forward workspace`` (the
+Forward of u holds ``base + fixed + shared + sum(held[v<u]) + inflight + eff[u] + forward workspace`` (the
 checkpoint workspace instead of ``eff + forward workspace`` for a whole-unit recompute), where
 ``inflight`` is the previous unit's swap still being copied (asynchronous copies only). The turnaround
 holds every ``held``, the last unit's swap (asynchronous) and the head workspace. Backward of u holds
 ``base + fixed + sum(held[v<u]) + S[u] + backward workspace + prefetch`` (plus the largest saved tensor
 while a token-wise split rebuilds its tensors from rows), where ``prefetch`` is the swap
-of the ``lookahead`` units before u being copied back.
+of the ``lookahead`` units before u being copied back. ``shared`` (tensors passed to several units, such
+as an attention mask) is held through the forward, and through the turnaround and backward too when a
+unit is recomputed wholly or selectively (conservatively, to the end: its recompute holds them).
 
 Time. With asynchronous copies there are three streams. Compute runs the forwards, the head
 (``other_forward_s + other_backward_s``), then the backwards from the last unit down, each taking
@@ -201,6 +203,9 @@ def simulate_amounts(graph: TrainingGraph, amounts: Sequence[UnitAmounts], *, lo
     is_async = hw.async_copies
     base = graph.resident_bytes
     fixed = graph.fixed_activation_bytes
+    # Tensors passed to several units live through the forward, and on while a recompute needs them.
+    shared = float(graph.shared_input_bytes)
+    shared_after = shared if any(a.drops_forward for a in amounts) else 0.0
     swapped = [a.swapped_bytes for a in amounts]
     d2h_s = [b / hw.d2h_bytes_per_s for b in swapped]
     h2d_s = [b / hw.h2d_bytes_per_s for b in swapped]
@@ -211,7 +216,7 @@ def simulate_amounts(graph: TrainingGraph, amounts: Sequence[UnitAmounts], *, lo
     input_sum = 0.0  # recompute-input bytes of units before u
     for u, (unit, a) in enumerate(zip(units, amounts)):
         points.append((f"forward {unit.name}", {
-            "kept": kept_sum, "recompute input": input_sum,
+            "kept": kept_sum, "recompute input": input_sum + shared,
             "swap in flight": swapped[u - 1] if is_async and u > 0 else 0.0,
             "unit working set": (a.kept_bytes if a.selective else 0.0) if a.drops_forward else float(unit.saved_bytes),
             "workspace": float(unit.checkpoint_workspace_bytes if a.drops_forward else unit.forward_workspace_bytes),
@@ -219,7 +224,7 @@ def simulate_amounts(graph: TrainingGraph, amounts: Sequence[UnitAmounts], *, lo
         kept_sum += a.kept_bytes
         input_sum += a.input_held * unit.input_bytes
     points.append(("head", {
-        "kept": kept_sum, "recompute input": input_sum,
+        "kept": kept_sum, "recompute input": input_sum + shared_after,
         "swap in flight": swapped[n - 1] if is_async and n else 0.0,
         "unit working set": 0.0, "workspace": float(graph.head_workspace_bytes),
     }))
@@ -229,7 +234,7 @@ def simulate_amounts(graph: TrainingGraph, amounts: Sequence[UnitAmounts], *, lo
         input_sum -= a.input_held * unit.input_bytes
         prefetch = sum(swapped[max(0, u - lookahead):u]) if is_async else 0.0
         points.append((f"backward {unit.name}", {
-            "kept": kept_sum, "recompute input": input_sum, "swap in flight": prefetch,
+            "kept": kept_sum, "recompute input": input_sum + shared_after, "swap in flight": prefetch,
             "unit working set": float(unit.saved_bytes),
             "workspace": float(unit.backward_workspace_bytes) + (assembly_bytes(unit) if a.row_assembly else 0.0),
         }))

@@ -75,3 +75,25 @@ def test_selective_units_hold_what_the_simulator_says(modes):
     measured = measured_peak_bytes(model, ids, memopt.MemoptConfig())
     handle.remove()
     assert abs(predicted - measured) <= 0.01 * measured, (predicted, measured)
+
+
+@pytest.mark.parametrize("modes", ["kksk", "kkkr", "rkkk"])
+def test_shared_inputs_are_held_while_a_recompute_needs_them(modes):
+    """GPT-2 hands one attention mask to every block. A recomputed (or selective) block holds it for its
+    recompute, whichever block that is: the simulator counts it once, and the measured peak is the
+    predicted one (it used to miss the mask whenever a block other than the first was recomputed)."""
+    from memopt.graph import Decision, Plan
+    from memopt.planners import realize, simulate
+
+    torch.manual_seed(0)
+    model, batch = hf_causal_lm("gpt2", n_layer=4), hf_sample(seq=128)
+    graph = memopt.profile(model, batch)
+    assert graph.shared_input_bytes > 0
+    fractions = {"k": (1, 0, 0), "r": (0, 0, 1)}
+    decisions = [Decision(u.name, 0.0, 0.0, 1.0, selective=True) if m == "s" else realize(u, *fractions[m])
+                 for u, m in zip(graph.units, modes)]
+    predicted = simulate(graph, decisions).peak_bytes - graph.model_state_bytes
+    handle = memopt.apply(model, Plan(decisions, 1, 1, 0, 0.0, 0.0, 0))
+    measured = measured_peak_bytes(model, batch, memopt.MemoptConfig())
+    handle.remove()
+    assert abs(predicted - measured) <= 0.001 * measured, (predicted, measured)
