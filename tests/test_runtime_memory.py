@@ -57,23 +57,30 @@ def test_measured_peak_within_budget_and_prediction(name, budget, config_name):
     assert abs(predicted - measured) <= 0.05 * measured, (predicted, measured, plan.summary())
 
 
-@pytest.mark.parametrize("modes", ["ssss", "rrrs", "kkks", "srkr"])
-def test_selective_units_hold_what_the_simulator_says(modes):
-    """Forced mixes of selective (s), recompute (r) and keep (k): the measured peak is the simulated one.
-    A selective unit hands its kept expensive outputs back to the replay and keeps none of them after."""
+def predicted_and_measured(model, batch, modes: str) -> tuple[int, int, memopt.TrainingGraph]:
+    """Activation peak the simulator predicts and the meter measures for forced per-unit modes: keep (k),
+    recompute (r) or selective (s)."""
     from memopt.graph import Decision, Plan
     from memopt.planners import realize, simulate
 
-    torch.manual_seed(0)
-    model, ids = TinyGPT(hidden=256, layers=4, max_tokens=128), torch.randint(0, 1024, (4, 128))
-    graph = memopt.profile(model, ids)
+    graph = memopt.profile(model, batch)
     fractions = {"k": (1, 0, 0), "r": (0, 0, 1)}
     decisions = [Decision(u.name, 0.0, 0.0, 1.0, selective=True) if m == "s" else realize(u, *fractions[m])
                  for u, m in zip(graph.units, modes)]
     predicted = simulate(graph, decisions).peak_bytes - graph.model_state_bytes
     handle = memopt.apply(model, Plan(decisions, 1, 1, 0, 0.0, 0.0, 0))
-    measured = measured_peak_bytes(model, ids, memopt.MemoptConfig())
+    measured = measured_peak_bytes(model, batch, memopt.MemoptConfig())
     handle.remove()
+    return predicted, measured, graph
+
+
+@pytest.mark.parametrize("modes", ["ssss", "rrrs", "kkks", "srkr"])
+def test_selective_units_hold_what_the_simulator_says(modes):
+    """Forced mixes of selective (s), recompute (r) and keep (k): the measured peak is the simulated one.
+    A selective unit hands its kept expensive outputs back to the replay and keeps none of them after."""
+    torch.manual_seed(0)
+    model, ids = TinyGPT(hidden=256, layers=4, max_tokens=128), torch.randint(0, 1024, (4, 128))
+    predicted, measured, _ = predicted_and_measured(model, ids, modes)
     assert abs(predicted - measured) <= 0.01 * measured, (predicted, measured)
 
 
@@ -82,18 +89,7 @@ def test_shared_inputs_are_held_while_a_recompute_needs_them(modes):
     """GPT-2 hands one attention mask to every block. A recomputed (or selective) block holds it for its
     recompute, whichever block that is: the simulator counts it once, and the measured peak is the
     predicted one (it used to miss the mask whenever a block other than the first was recomputed)."""
-    from memopt.graph import Decision, Plan
-    from memopt.planners import realize, simulate
-
     torch.manual_seed(0)
-    model, batch = hf_causal_lm("gpt2", n_layer=4), hf_sample(seq=128)
-    graph = memopt.profile(model, batch)
+    predicted, measured, graph = predicted_and_measured(hf_causal_lm("gpt2", n_layer=4), hf_sample(seq=128), modes)
     assert graph.shared_input_bytes > 0
-    fractions = {"k": (1, 0, 0), "r": (0, 0, 1)}
-    decisions = [Decision(u.name, 0.0, 0.0, 1.0, selective=True) if m == "s" else realize(u, *fractions[m])
-                 for u, m in zip(graph.units, modes)]
-    predicted = simulate(graph, decisions).peak_bytes - graph.model_state_bytes
-    handle = memopt.apply(model, Plan(decisions, 1, 1, 0, 0.0, 0.0, 0))
-    measured = measured_peak_bytes(model, batch, memopt.MemoptConfig())
-    handle.remove()
     assert abs(predicted - measured) <= 0.001 * measured, (predicted, measured)
