@@ -21,7 +21,8 @@ from .units import format_bytes
 __all__ = ["CATEGORY_COLORS", "PlanReport", "breakdown", "memory_svg", "render_breakdown", "render_html", "render_text"]
 
 _FORMAT = "memopt-plan-report"
-_VERSION = 1
+_VERSION = 2  # 2: the graph may carry gathered_param_bytes (ZeRO-3) and shared_input_bytes
+_READS = (1, 2)  # a version-1 report is a version-2 one with both at 0
 
 #: Fill colour of each memory category in the plot, in the simulator's stacking order.
 CATEGORY_COLORS = {
@@ -100,9 +101,9 @@ class PlanReport:
         if not isinstance(data, dict) or data.get("format") != _FORMAT:
             raise ValueError("not a memopt plan report: the JSON lacks \"format\": \"memopt-plan-report\"; write one "
                              "with memopt plan ... --json FILE")
-        if data.get("version") != _VERSION:
+        if data.get("version") not in _READS:
             raise ValueError(f"plan report version {data.get('version')!r} is not supported (this memopt reads "
-                             f"version {_VERSION}); make it again with this memopt")
+                             f"versions {', '.join(map(str, _READS))}); make it again with this memopt")
         try:
             graph, plan = TrainingGraph.from_dict(data["graph"]), Plan.from_dict(data["plan"])
             return cls(graph, plan, dict(data.get("request", {})))

@@ -95,6 +95,20 @@ def test_report_re_renders_a_saved_plan(tmp_path, capsys, reference):
     assert "<svg" in html.read_text()
 
 
+def test_version_1_reports_still_load(tmp_path, reference):
+    """A report written before the graph carried gathered and shared bytes reads as one with both at 0."""
+    data = reference.to_dict()
+    assert data["version"] == 2
+    data["version"] = 1
+    for key in ("gathered_param_bytes", "shared_input_bytes"):
+        del data["graph"][key]
+    old = PlanReport.from_dict(data)
+    assert old.graph.gathered_param_bytes == 0 and old.graph.shared_input_bytes == 0
+    assert old.plan == reference.plan
+    with pytest.raises(ValueError, match="version 3 is not supported"):
+        PlanReport.from_dict({**data, "version": 3})
+
+
 def test_custom_gpu_figures_override_the_preset(tmp_path, capsys):
     out, report = _plan(tmp_path, capsys, "--gpu-memory", "48GiB", "--tflops", "100", "--hbm-tbps", "1",
                         "--pcie-gbps", "16")
