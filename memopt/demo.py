@@ -119,12 +119,13 @@ def main(argv: list[str] | None = None) -> int:
             ok = ok and exact
 
     print()
-    print(f"{'run':<24} {'plan':<32} {'predicted':>11} {'measured peak':>14} {'step':>9} {'x none':>7}  exact")
+    width = max([32] + [len(row[1]) for row in rows])  # the plan column fits its longest mix of modes
+    print(f"{'run':<24} {'plan':<{width}} {'predicted':>11} {'measured peak':>14} {'step':>9} {'x none':>7}  exact")
     for name, mix, predicted, peak, step_s, exact, note in rows:
         if mix == "infeasible":
             print(f"{name:<24} {note}")
             continue
-        print(f"{name:<24} {mix:<32} {predicted:>11} {format_bytes(peak):>14} {step_s * 1e3:>7.0f}ms"
+        print(f"{name:<24} {mix:<{width}} {predicted:>11} {format_bytes(peak):>14} {step_s * 1e3:>7.0f}ms"
               f" {step_s / base_s:>7.2f}  {'yes' if exact else 'NO'}  {note}")
     print("\nmeasured peak: activation bytes alive during the step (memopt.meter.MemoryMeter);"
           " exact: parameters after training equal the run without memopt bit for bit.")
