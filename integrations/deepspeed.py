@@ -33,7 +33,7 @@ except ImportError as error:  # pragma: no cover - exercised only without deepsp
     raise ImportError("memopt.integrations.deepspeed needs: pip install 'memopt[deepspeed]'") from error
 
 import memopt
-from memopt.graph import ZERO3_MAX_REUSE_DISTANCE, zero3_gathered_bytes
+from memopt.graph import ZERO3_MAX_REUSE_DISTANCE, param_groups, shard_bytes, zero3_gathered_bytes
 
 __all__ = ["initialize", "shard_model_states"]
 
@@ -55,22 +55,17 @@ def shard_model_states(graph: memopt.TrainingGraph, zero_stage: int, world_size:
         max_reuse_distance (int): DeepSpeed's ``stage3_max_reuse_distance``.
     """
     _check_stage(zero_stage, world_size)
-    optimizer = _shard(graph.optimizer_bytes, world_size) if zero_stage >= 1 else graph.optimizer_bytes
-    grads = _shard(graph.grad_bytes, world_size) if zero_stage >= 2 else graph.grad_bytes
+    optimizer = shard_bytes(graph.optimizer_bytes, world_size) if zero_stage >= 1 else graph.optimizer_bytes
+    grads = shard_bytes(graph.grad_bytes, world_size) if zero_stage >= 2 else graph.grad_bytes
     params, gathered = graph.param_bytes, 0
     if zero_stage >= 3:
-        params = _shard(graph.param_bytes, world_size)
+        params = shard_bytes(graph.param_bytes, world_size)
         if group_bytes is None:
-            units = [u.param_grad_bytes for u in graph.units]
-            group_bytes = units + [max(0, graph.param_bytes - sum(units))]
+            group_bytes = param_groups([u.param_grad_bytes for u in graph.units], graph.param_bytes)
         gathered = zero3_gathered_bytes(group_bytes, graph.param_bytes, world_size,
                                         0 if n_params is None else n_params, max_reuse_distance)
     return dataclasses.replace(graph, optimizer_bytes=optimizer, grad_bytes=grads, param_bytes=params,
                                gathered_param_bytes=gathered, sharding_degree=world_size if zero_stage else 1)
-
-
-def _shard(nbytes: int, world_size: int) -> int:
-    return -(-nbytes // world_size)
 
 
 def _check_stage(zero_stage: int, world_size: int) -> None:
@@ -171,8 +166,8 @@ def _group_bytes(model: torch.nn.Module, graph: memopt.TrainingGraph) -> list[in
     def nbytes(params) -> int:
         return sum(p.numel() * p.element_size() for p in params)
 
-    units = [nbytes(model.get_submodule(u.name).parameters()) for u in graph.units]
-    return units + [max(0, nbytes(model.parameters()) - sum(units))]
+    return param_groups([nbytes(model.get_submodule(u.name).parameters()) for u in graph.units],
+                        nbytes(model.parameters()))
 
 
 def _to(batch: Any, device: torch.device) -> Any:

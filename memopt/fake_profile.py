@@ -22,7 +22,7 @@ from typing import Any
 
 from .config import MemoptConfig
 from .errors import MemoptError
-from .graph import TrainingGraph, zero3_gathered_bytes
+from .graph import TrainingGraph, param_groups, shard_bytes, zero3_gathered_bytes
 from .hardware import Hardware
 
 __all__ = [
@@ -146,7 +146,7 @@ def model_states(n_params: int, setup: TrainingSetup) -> ModelStates:
     shards = setup.world_size
 
     def shard(nbytes: int, stage: int) -> int:
-        return -(-nbytes // shards) if setup.zero_stage >= stage else nbytes
+        return shard_bytes(nbytes, shards) if setup.zero_stage >= stage else nbytes
 
     parts = [f"{states} fp32 state{'s' if states != 1 else ''}"]
     if master:
@@ -165,8 +165,8 @@ def zero3_gathered(graph: TrainingGraph, n_params: int, dtype: str, world_size: 
     """``zero3_gathered_bytes`` for a modelled step under DeepSpeed's default settings: each unit's
     parameters, and those outside every unit, as the groups gathered together."""
     full = DTYPE_BYTES[dtype] * n_params
-    units = [u.param_grad_bytes for u in graph.units]
-    return zero3_gathered_bytes(units + [max(0, full - sum(units))], full, world_size, n_params)
+    groups = param_groups([u.param_grad_bytes for u in graph.units], full)
+    return zero3_gathered_bytes(groups, full, world_size, n_params)
 
 
 def _read_json(path: Path) -> dict:

@@ -14,7 +14,8 @@ from typing import Any
 from .hardware import Hardware
 from .units import format_bytes
 
-__all__ = ["Decision", "Plan", "TrainingGraph", "Unit", "ZERO3_MAX_REUSE_DISTANCE", "zero3_gathered_bytes"]
+__all__ = ["Decision", "Plan", "TrainingGraph", "Unit", "ZERO3_MAX_REUSE_DISTANCE", "param_groups", "shard_bytes",
+           "zero3_gathered_bytes"]
 
 
 @dataclass
@@ -297,6 +298,16 @@ class Plan:
         return cls.from_dict(json.loads(text))
 
 
+def shard_bytes(nbytes: int, world_size: int) -> int:
+    """One rank's share of ``nbytes`` sharded over ``world_size`` ranks (rounded up: the largest shard)."""
+    return -(-nbytes // world_size)
+
+
+def param_groups(unit_bytes: list[int], param_bytes: int) -> list[int]:
+    """Parameter bytes gathered together: each unit's, and the rest of the model's outside every unit."""
+    return [*unit_bytes, max(0, param_bytes - sum(unit_bytes))]
+
+
 #: DeepSpeed's default ``stage3_max_reuse_distance``, in parameters.
 ZERO3_MAX_REUSE_DISTANCE = 1_000_000_000
 
@@ -317,7 +328,7 @@ def zero3_gathered_bytes(group_bytes: list[int], param_bytes: int, world_size: i
         n_params (int): the model's parameter count.
         max_reuse_distance (int, default DeepSpeed's 1e9): ``stage3_max_reuse_distance``.
     """
-    rest = param_bytes - -(-param_bytes // world_size)
+    rest = param_bytes - shard_bytes(param_bytes, world_size)
     if n_params <= max_reuse_distance:
         return rest
     largest = sorted(group_bytes, reverse=True)[:2]
