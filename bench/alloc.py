@@ -7,12 +7,17 @@ C driver (bench/alloc_driver.c, compiled here) so the figure is the allocator's,
 the Python best-fit pool is replayed in Python, as that is how such a pool runs.
 
 Allocators: ``glibc`` (malloc/free), ``memopt`` (the C core, no hardening), ``memopt-hardened`` (16-block
-quarantine: what a GPU arena gets), ``memopt-host`` (quarantine and guard canaries written into a host
-region: ``Arena``'s default), ``python-best-fit``; ``+threads`` rows run in a process that has a second
-(idle) thread, where moalloc takes its lock and glibc its multi-threaded paths.
+quarantine: what a GPU arena gets), ``memopt-host`` (quarantine, guard canaries written into a host region
+and freed blocks of at most 1 KiB zeroed: ``Arena``'s default), ``memopt-host-nozero`` (the same without
+the zeroing: the default before it), ``memopt-host-poison`` (quarantine, canaries and every freed block
+poisoned: ``Arena(poison=True)``), ``python-best-fit``; ``+threads`` rows run in a process that has a
+second (idle) thread, where moalloc takes its lock and glibc its multi-threaded paths. The three host
+configurations run in one process, interleaved repeat by repeat, so their ratios compare like with like
+(``memopt-host-poison`` on the small-object trace only: on the others a poisoned replay takes minutes).
 
 Columns: ``ns_per_op`` (best of the repeats and rounds), ``speed_vs_glibc`` (glibc ns / this ns in the
-same kind of process: above 1 is faster than malloc), ``reserved_over_live`` (peak bytes reserved / peak bytes live: 1.00 is no
+same kind of process: above 1 is faster than malloc), ``ns_vs_host_nozero`` (host rows: this ns /
+``memopt-host-nozero``'s, from the same process: the cost of zeroing or poisoning), ``reserved_over_live`` (peak bytes reserved / peak bytes live: 1.00 is no
 fragmentation or rounding at all), ``metadata_pct`` (peak out-of-band metadata bytes as a percentage of
 the trace's peak live requested bytes: the strict figure) and ``metadata_pct_of_spans`` (the same over
 the allocator's own peak bytes in live blocks, rounding and guard bytes included); glibc keeps its headers
@@ -41,7 +46,12 @@ sys.path.insert(0, str(BENCH_DIR))
 
 from harness import write_rows  # noqa: E402
 
-MODES = ("glibc", "memopt", "memopt-hardened", "memopt-host", "glibc+threads", "memopt-hardened+threads")
+# One driver process per group; the modes of a group are interleaved inside it.
+GROUPS = (("glibc",), ("memopt",), ("memopt-hardened",), ("memopt-host", "memopt-host-nozero", "memopt-host-poison"),
+          ("glibc+threads",), ("memopt-hardened+threads",))
+# Poison passes over every freed and every reused block: on traces of large blocks a replay takes minutes
+# (0.5 ms an operation on synthetic-large), so it is measured on the small-object trace only.
+POISON_TRACES = ("synthetic-small",)
 RECORD = struct.Struct("<IIQ")
 
 
@@ -205,12 +215,13 @@ def build_driver(workdir: Path) -> Path:
     return exe
 
 
-def run_driver(exe: Path, trace_file: Path, mode: str, repeats: int, capacity_bytes: int) -> dict:
+def run_driver(exe: Path, trace_file: Path, modes: tuple[str, ...], repeats: int, capacity_bytes: int) -> list[dict]:
+    """One driver process replaying the trace with each of ``modes`` in turn; one result a mode."""
     from memopt.pools import library_path
 
-    out = subprocess.run([str(exe), str(library_path()), str(trace_file), mode, str(repeats), str(capacity_bytes)],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
+    out = subprocess.run([str(exe), str(library_path()), str(trace_file), ",".join(modes), str(repeats),
+                          str(capacity_bytes)], capture_output=True, text=True, check=True)
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
 
 def main() -> None:
@@ -221,16 +232,17 @@ def main() -> None:
     args = parser.parse_args()
     scale = 10 if args.quick else 1
     traces = {
-        "synthetic-small": synthetic_trace(1_000_000 // scale, 5_000, 3, 10, seed=1),
-        "synthetic-large": synthetic_trace(200_000 // scale, 32, 16, 24, seed=2),
-        "llama-h64-step": recorded_trace(64, 2, 128, steps=2, min_ops=200_000 // scale),
-        "llama-h256-step": recorded_trace(256, 4, 512, steps=2, min_ops=200_000 // scale),
+        "synthetic-small": lambda: synthetic_trace(1_000_000 // scale, 5_000, 3, 10, seed=1),
+        "synthetic-large": lambda: synthetic_trace(200_000 // scale, 32, 16, 24, seed=2),
+        "llama-h64-step": lambda: recorded_trace(64, 2, 128, steps=2, min_ops=200_000 // scale),
+        "llama-h256-step": lambda: recorded_trace(256, 4, 512, steps=2, min_ops=200_000 // scale),
     }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         exe = build_driver(workdir)
-        for name, trace in traces.items():
+        for name, make_trace in traces.items():
+            trace = make_trace()
             trace_file = workdir / f"{name}.bin"
             trace_file.write_bytes(b"".join(RECORD.pack(*r) for r in trace))
             live = peak_live_bytes(trace)
@@ -238,11 +250,17 @@ def main() -> None:
             # Rounds interleave the allocators, so that a slow spell of a shared machine hits them all;
             # each keeps its best round.
             results: dict[str, dict] = {}
+            nozero_ns: dict[str, float] = {}  # a host mode -> memopt-host-nozero's ns in the same process
             for _ in range(args.rounds):
-                for mode in MODES:
-                    r = run_driver(exe, trace_file, mode, args.repeats, capacity)
-                    if mode not in results or r["ns_per_op"] < results[mode]["ns_per_op"]:
-                        results[mode] = r
+                for group in GROUPS:
+                    if name not in POISON_TRACES:
+                        group = tuple(m for m in group if m != "memopt-host-poison")
+                    by_mode = {r["mode"]: r for r in run_driver(exe, trace_file, group, args.repeats, capacity)}
+                    for mode, r in by_mode.items():
+                        if mode not in results or r["ns_per_op"] < results[mode]["ns_per_op"]:
+                            results[mode] = r
+                            if "memopt-host-nozero" in by_mode:
+                                nozero_ns[mode] = by_mode["memopt-host-nozero"]["ns_per_op"]
             py_ns, py_reserved = replay_python(trace, capacity)
             results["python-best-fit"] = {"ns_per_op": py_ns, "peak_reserved_bytes": py_reserved,
                                           "peak_metadata_bytes": None, "peak_span_bytes": None}
@@ -255,6 +273,7 @@ def main() -> None:
                     "trace": name, "allocator": allocator, "ops": len(trace), "peak_live_bytes": live,
                     "ns_per_op": round(r["ns_per_op"], 2),
                     "speed_vs_glibc": round(glibc_ns / r["ns_per_op"], 3),
+                    "ns_vs_host_nozero": round(r["ns_per_op"] / nozero_ns[allocator], 3) if allocator in nozero_ns else "",
                     "reserved_over_live": round(r["peak_reserved_bytes"] / live, 3),
                     "metadata_pct": "" if metadata is None else round(100 * metadata / live, 3),
                     "metadata_pct_of_spans": "" if metadata is None else round(100 * metadata / r["peak_span_bytes"], 3),

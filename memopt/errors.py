@@ -42,11 +42,13 @@ class DoubleFree(AllocatorError):
 
 
 class InvalidFree(AllocatorError):
-    """A free named an offset the arena never returned (unknown, interior or from a closed arena)."""
+    """A free named an offset the arena never returned (unknown, interior or from a closed arena), or a handle
+    whose offset, size, serial or check was altered."""
 
 
 class CorruptionError(AllocatorError):
-    """A guard canary or poison pattern was overwritten: memory outside a live block was written."""
+    """A guard canary, or the poison or zero fill of freed memory, was overwritten: memory outside a live block
+    was written."""
 
 
 class ArenaExhausted(AllocatorError):

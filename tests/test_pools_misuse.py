@@ -3,6 +3,10 @@
 Each case sets up an arena named "victim" with one block that must survive, commits one misuse, and
 reports: the exception (class and message), whether the process lived, whether the arena's counters
 are exactly as before the misuse, and what ``check()`` says afterwards.
+
+A forged handle is a ``Block`` from ``alloc`` with one field altered (``dataclasses.replace``): it is an
+``InvalidFree`` whatever its block's state, and only a free through an unaltered copy of a freed block
+is a ``DoubleFree``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import textwrap
 import pytest
 
 SCRIPT = """
-import json, torch
+import dataclasses, json, torch
 from memopt.pools import Arena, Block
 arena = Arena(1 << 20, name="victim", {options})
 keep = arena.alloc(1000)
@@ -118,6 +122,64 @@ CASES = {
         "b = arena.alloc(40, alignment=16); arena.free(b); arena.buffer[b.offset + 5] = int(arena.buffer[b.offset + 5]) ^ 0xFF",
         "arena.check()", "CorruptionError", "b.offset + 5", "CorruptionError", "",
     ),
+    # Forged handles: a Block with one field altered is never taken for its block, nor for a freed one.
+    "forged_offset_of_live_block": ("", "", "arena.free(dataclasses.replace(keep, offset=keep.offset + 16384))",
+                                    "InvalidFree", "keep.offset + 16384", "ok", ""),
+    "forged_offset_onto_another_live_block": (
+        "", "b = arena.alloc(4096); other = arena.alloc(4096)", "arena.free(dataclasses.replace(b, offset=other.offset))",
+        "InvalidFree", "other.offset", "ok", "out['other_live'] = arena.stats().live_blocks == 3",
+    ),
+    "forged_offset_of_freed_block": ("", "b = arena.alloc(64); arena.free(b)",
+                                     "arena.free(dataclasses.replace(b, offset=b.offset + 256))", "InvalidFree",
+                                     "b.offset + 256", "ok", ""),
+    "forged_offset_of_released_block": (
+        "hardened=False", "b = arena.alloc(4096); arena.free(b)",
+        "arena.free(dataclasses.replace(b, offset=b.offset + 4096))", "InvalidFree", "b.offset + 4096", "ok", "",
+    ),
+    "stale_handle_of_released_block": (
+        "hardened=False", "b = arena.alloc(4096); arena.free(b); big = arena.alloc(8192); assert big.offset == b.offset",
+        "arena.free(b)", "DoubleFree", "b.offset", "ok", "",
+    ),
+    "forged_size": ("", "b = arena.alloc(4096)", "arena.free(dataclasses.replace(b, nbytes=b.nbytes + 1))",
+                    "InvalidFree", "b.offset", "ok", ""),
+    "forged_size_of_freed_block": ("hardened=False", "b = arena.alloc(4096); arena.free(b)",
+                                   "arena.free(dataclasses.replace(b, nbytes=8))", "InvalidFree", "b.offset", "ok", ""),
+    "forged_serial_of_another_block": (
+        "", "b = arena.alloc(4096); other = arena.alloc(64)", "arena.free(dataclasses.replace(b, serial=other.serial))",
+        "InvalidFree", "b.offset", "ok", "",
+    ),
+    "forged_serial_of_a_freed_block": (
+        "", "old = arena.alloc(64); arena.free(old); b = arena.alloc(4096)",
+        "arena.free(dataclasses.replace(b, serial=old.serial))", "InvalidFree", "b.offset", "ok", "",
+    ),
+    "forged_check": ("", "b = arena.alloc(4096)", "arena.free(dataclasses.replace(b, check=b.check ^ 2))",
+                     "InvalidFree", "b.offset", "ok", ""),
+    "forged_serial_zero": ("", "b = arena.alloc(4096)", "arena.free(dataclasses.replace(b, serial=0))", "InvalidFree",
+                           "b.offset", "ok", ""),
+    "forged_arena_key": (
+        "", "other = Arena(1 << 20, name='other'); twin = other.alloc(1000); assert twin.offset == keep.offset",
+        "arena.free(dataclasses.replace(twin, arena_key=keep.arena_key))", "InvalidFree", "keep.offset", "ok", "",
+    ),
+    "hand_made_wrong_size": ("", "b = arena.alloc(4096)", "arena.free(Block(b.offset, 8))", "InvalidFree", "b.offset",
+                             "ok", ""),
+    "tensor_of_forged_block": ("", "", "arena.tensor(dataclasses.replace(keep, offset=keep.offset + 16384), torch.uint8, 8)",
+                               "AllocatorError", "keep.offset + 16384", "ok", ""),
+    "slot_forged_offset_of_free_slot": (
+        "", "b = arena.alloc(40, alignment=16)", "arena.free(dataclasses.replace(b, offset=b.offset + 5 * 48))",
+        "InvalidFree", "b.offset + 5 * 48", "ok", "",
+    ),
+    "slot_forged_offset_onto_live_slot": (
+        "", "b = arena.alloc(40, alignment=16); c = arena.alloc(40, alignment=16)",
+        "arena.free(dataclasses.replace(b, offset=c.offset))", "InvalidFree", "c.offset", "ok", "",
+    ),
+    "slot_forged_serial": (
+        "", "b = arena.alloc(40, alignment=16); c = arena.alloc(40, alignment=16)",
+        "arena.free(dataclasses.replace(b, serial=c.serial))", "InvalidFree", "b.offset", "ok", "",
+    ),
+    "slot_forged_offset_of_freed_slot": (
+        "", "b = arena.alloc(40, alignment=16); arena.free(b)",
+        "arena.free(dataclasses.replace(b, offset=b.offset + 48))", "InvalidFree", "b.offset + 48", "ok", "",
+    ),
     "slot_write_after_free_reuse": (
         "poison=True, quarantine=0",
         "b = arena.alloc(40, alignment=16); arena.free(b); arena.buffer[b.offset + 5] = int(arena.buffer[b.offset + 5]) ^ 0xFF",
@@ -199,6 +261,10 @@ def test_misuse(outcomes, name):
     assert out["check"] == expected_check
     if name.endswith("double_free_after_reuse"):
         assert out["reused_block_freed"]
+    if name == "forged_offset_onto_another_live_block":
+        assert out["other_live"]
+    if "forged" in name:  # the message says what happened, not that a live block was freed already
+        assert "altered" in out["message"], out["message"]
 
 
 def test_a_crash_fails_the_case(outcomes):

@@ -104,10 +104,10 @@ MO_API int mo_arena_create(uint64_t capacity_bytes, void *base, uint32_t quarant
     if (capacity == 0 || capacity_bytes > MO_MAX_CAPACITY_BYTES)
         return mo_fail(MO_E_INVALID_ARG, "capacity %llu bytes is outside [%u, 2**60]", (unsigned long long)capacity_bytes,
                        MO_GRANULE_BYTES);
-    if (flags & ~(uint32_t)(MO_F_CANARIES | MO_F_POISON))
+    if (flags & ~(uint32_t)(MO_F_CANARIES | MO_F_POISON | MO_F_ZERO_SMALL))
         return mo_fail(MO_E_INVALID_ARG, "unknown flags 0x%x", flags);
-    if ((flags & (MO_F_CANARIES | MO_F_POISON)) && base == NULL)
-        return mo_fail(MO_E_INVALID_ARG, "canaries and poison need host-addressable memory (a base address)");
+    if ((flags & (MO_F_CANARIES | MO_F_POISON | MO_F_ZERO_SMALL)) && base == NULL)
+        return mo_fail(MO_E_INVALID_ARG, "canaries, poison and zeroing need host-addressable memory (a base address)");
     if (seed == 0) seed = (uint64_t)time(NULL) ^ ((uint64_t)(uintptr_t)&seed << 16) ^ (uint64_t)(uintptr_t)base;
     mo_arena *a = mo_core_new(capacity, base, quarantine_blocks, flags, seed);
     if (!a) return mo_fail(MO_E_NOMEM, "no host memory for the arena's metadata");
@@ -147,32 +147,33 @@ MO_API int mo_arena_destroy(uint64_t handle) {
 }
 
 MO_API int mo_alloc(uint64_t handle, uint64_t nbytes, uint64_t alignment, uint64_t *offset_out, uint64_t *span_out,
-                    uint64_t *serial_out) {
+                    uint64_t *serial_out, uint64_t *check_out) {
     mo_arena *a;
     int locked;
     mo_slot *s = acquire(handle, &a, &locked);
     if (!s) return MO_E_BAD_HANDLE;
-    int rc = mo_arena_alloc(a, nbytes, alignment, offset_out, span_out, serial_out);
+    int rc = mo_arena_alloc(a, nbytes, alignment, offset_out, span_out, serial_out, check_out);
     release(s, locked);
     return rc;
 }
 
-MO_API int mo_free(uint64_t handle, uint64_t offset, uint64_t serial) {
+MO_API int mo_free(uint64_t handle, uint64_t offset, uint64_t nbytes, uint64_t serial, uint64_t check) {
     mo_arena *a;
     int locked;
     mo_slot *s = acquire(handle, &a, &locked);
     if (!s) return MO_E_BAD_HANDLE;
-    int rc = mo_arena_free(a, offset, serial);
+    int rc = mo_arena_free(a, (mo_handle){offset, nbytes, serial, check});
     release(s, locked);
     return rc;
 }
 
-MO_API int mo_query(uint64_t handle, uint64_t offset, uint64_t serial, uint64_t *nbytes_out, uint64_t *span_out) {
+MO_API int mo_query(uint64_t handle, uint64_t offset, uint64_t nbytes, uint64_t serial, uint64_t check,
+                    uint64_t *nbytes_out, uint64_t *span_out) {
     mo_arena *a;
     int locked;
     mo_slot *s = acquire(handle, &a, &locked);
     if (!s) return MO_E_BAD_HANDLE;
-    int rc = mo_arena_query(a, offset, serial, nbytes_out, span_out);
+    int rc = mo_arena_query(a, (mo_handle){offset, nbytes, serial, check}, nbytes_out, span_out);
     release(s, locked);
     return rc;
 }

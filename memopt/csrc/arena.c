@@ -4,6 +4,7 @@
  * statistics. Every operation validates and reserves metadata before it changes anything, so a
  * rejected call leaves the arena untouched.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -67,9 +68,20 @@ static inline uint64_t find_bad_canary(const mo_arena *a, uint64_t from, uint64_
     return to;
 }
 
-static uint64_t find_bad_poison(const mo_arena *a, uint64_t from, uint64_t to) {
+static int canaries_on(const mo_arena *a) { return (a->flags & MO_F_CANARIES) && a->base; }
+static int poison_on(const mo_arena *a) { return (a->flags & MO_F_POISON) && a->base; }
+/* Freed slab slots are filled: the poison byte (verified on reuse and by check), or zero under
+ * MO_F_ZERO_SMALL (verified by check only: a pass over every reused slot cost more than the zeroing). */
+static inline int slots_filled(const mo_arena *a) { return (a->flags & (MO_F_POISON | MO_F_ZERO_SMALL)) && a->base; }
+static inline uint8_t fill_byte(const mo_arena *a) { return (a->flags & MO_F_POISON) ? a->poison_byte : 0; }
+/* Whether a block of this span is filled when freed: every block with poison, small ones when zeroing. */
+static inline int filled_when_freed(const mo_arena *a, uint64_t span) {
+    return poison_on(a) || (slots_filled(a) && span <= MO_SMALL_MAX_SPAN_BYTES);
+}
+
+static uint64_t find_bad_fill(const mo_arena *a, uint64_t from, uint64_t to) {
     const uint8_t *m = a->base;
-    uint8_t b = a->poison_byte;
+    uint8_t b = fill_byte(a);
     uint64_t word = 0x0101010101010101ull * b, p = from;
     for (; p < to && (p & 7u); p++)
         if (m[p] != b) return p;
@@ -80,11 +92,8 @@ static uint64_t find_bad_poison(const mo_arena *a, uint64_t from, uint64_t to) {
     return to;
 }
 
-static int canaries_on(const mo_arena *a) { return (a->flags & MO_F_CANARIES) && a->base; }
-static int poison_on(const mo_arena *a) { return (a->flags & MO_F_POISON) && a->base; }
-
 static int verify_poison(const mo_arena *a, uint64_t start, uint64_t span) {
-    uint64_t bad = find_bad_poison(a, start, start + span);
+    uint64_t bad = find_bad_fill(a, start, start + span);
     if (bad == start + span) return MO_OK;
     return mo_fail(MO_E_CORRUPTION,
                    "freed memory was written after free: byte at offset %llu differs from the poison pattern "
@@ -93,6 +102,10 @@ static int verify_poison(const mo_arena *a, uint64_t start, uint64_t span) {
 }
 
 /* -- small-object slabs ----------------------------------------------------------------------------- */
+
+static inline uint32_t ref_slab(uint32_t ref) { return (ref & ~MO_SLOT_REF) >> MO_SLOT_BITS; }
+static inline uint32_t ref_slot(uint32_t ref) { return ref & ((1u << MO_SLOT_BITS) - 1u); }
+static inline uint32_t slot_ref(uint32_t si, uint32_t k) { return MO_SLOT_REF | si << MO_SLOT_BITS | k; }
 
 static inline int slab_eligible(uint64_t span, uint64_t align) {
     return span <= MO_SLAB_MAX_SPAN && (span & (align - 1)) == 0;
@@ -116,7 +129,7 @@ static void partial_remove(mo_arena *a, uint32_t si) {
     s->next = s->prev = MO_NIL;
 }
 
-/* An empty slab goes back to the free lists (its slots are poisoned already, as free memory is). */
+/* An empty slab goes back to the free lists (with poison on, its slots are poisoned already, as free memory is). */
 static void release_slab(mo_arena *a, uint32_t si) {
     mo_slab *s = a->slabs[si];
     partial_remove(a, si);
@@ -160,7 +173,7 @@ static inline __attribute__((always_inline)) void commit_slot(mo_arena *a, mo_sl
     if (a->st.allocated_bytes > a->st.peak_bytes) a->st.peak_bytes = a->st.allocated_bytes;
     *offset = start;
     *span_out = span;
-    *serial = (a->serial << 32) | MO_SLOT_REF | si;
+    *serial = (a->serial << 32) | slot_ref(si, k);
 }
 
 /* Hand out a free slot of slab si (which has one). */
@@ -178,9 +191,6 @@ static int take_slot(mo_arena *a, uint32_t si, uint64_t nbytes, uint64_t *offset
     commit_slot(a, s, si, k, nbytes, offset, span_out, serial);
     return MO_OK;
 }
-
-static inline uint32_t ref_slab(uint32_t ref) { return (ref & ~MO_SLOT_REF) >> MO_SLOT_BITS; }
-static inline uint32_t ref_slot(uint32_t ref) { return ref & ((1u << MO_SLOT_BITS) - 1u); }
 
 /* Hand out the slot last put in the cache of class cls (which has one). */
 static inline __attribute__((always_inline)) int take_cached(mo_arena *a, uint32_t cls, uint64_t nbytes,
@@ -201,7 +211,7 @@ static inline __attribute__((always_inline)) int take_cached(mo_arena *a, uint32
 static inline __attribute__((always_inline)) void retire_slot(mo_arena *a, uint32_t si, uint32_t k) {
     mo_slab *s = a->slabs[si];
     if (a->cache_count[s->cls] < MO_CACHE_DEPTH) {
-        a->cache[s->cls][a->cache_count[s->cls]++] = MO_SLOT_REF | si << MO_SLOT_BITS | k;
+        a->cache[s->cls][a->cache_count[s->cls]++] = slot_ref(si, k);
         a->st.cached_blocks++;
         a->st.cached_bytes += s->span;
         return;
@@ -218,6 +228,8 @@ static uint32_t make_slab(mo_arena *a, uint32_t cls, uint32_t idx, uint64_t star
     mo_slab *s = a->slabs[si];
     uint64_t bytes = mo_slab_bytes(s->span);
     mo_core_carve(a, idx, start, bytes);
+    /* Free slots hold the fill of freed memory from the start, as check() expects. */
+    if (slots_filled(a) && !poison_on(a)) memset(a->base + start, 0, bytes);
     a->nodes[idx].state = MO_STATE_SLAB;
     a->nodes[idx].serial = si;
     mo_core_hash_insert(a, idx);
@@ -379,8 +391,8 @@ static int try_alloc(mo_arena *a, uint64_t nbytes, uint64_t span, uint64_t align
     return MO_OK;
 }
 
-int mo_arena_alloc(mo_arena *a, uint64_t nbytes, uint64_t alignment, uint64_t *offset, uint64_t *span_out,
-                   uint64_t *serial) {
+static inline __attribute__((always_inline)) int alloc_block(mo_arena *a, uint64_t nbytes, uint64_t alignment,
+                                                             uint64_t *offset, uint64_t *span_out, uint64_t *serial) {
     if (nbytes == 0) return mo_fail(MO_E_INVALID_ARG, "size 0 requested; ask for at least 1 byte");
     if (alignment == 0 || (alignment & (alignment - 1)))
         return mo_fail(MO_E_INVALID_ARG, "alignment %llu is not a power of two; use e.g. 256", (ull)alignment);
@@ -414,6 +426,27 @@ int mo_arena_alloc(mo_arena *a, uint64_t nbytes, uint64_t alignment, uint64_t *o
     return rc == MO_E_EXHAUSTED ? mo_fail(MO_E_CORRUPTION, "metadata invariant broken: a flush did not make room") : rc;
 }
 
+/* The check of a handle: a keyed hash of its other three words. Each word goes through a bijection
+ * before the three are mixed, so altering any one of them always changes the check; never 0, which
+ * stands for "no check". */
+static inline uint64_t handle_check(const mo_arena *a, uint64_t offset, uint64_t nbytes, uint64_t serial) {
+    uint64_t h = ((offset ^ a->check_key) * 0x9E3779B97F4A7C15ull) ^ nbytes ^ (serial * 0xC2B2AE3D27D4EB4Full);
+    h = (h ^ (h >> 32)) * 0xD6E8FEB86659FD93ull;
+    return (h ^ (h >> 32)) | 1u;
+}
+
+int mo_arena_alloc(mo_arena *a, uint64_t nbytes, uint64_t alignment, uint64_t *offset, uint64_t *span_out,
+                   uint64_t *serial, uint64_t *check) {
+    uint64_t at, span, number; /* locals: the out-pointers may alias, so their values would be read back */
+    int rc = alloc_block(a, nbytes, alignment, &at, &span, &number);
+    if (rc != MO_OK) return rc;
+    if (check) *check = handle_check(a, at, nbytes, number);
+    *offset = at;
+    *span_out = span;
+    *serial = number;
+    return MO_OK;
+}
+
 /* -- free ------------------------------------------------------------------------------------------- */
 
 /* Put a just-freed block (node index or slot reference) in quarantine, evicting the oldest entry. */
@@ -429,35 +462,7 @@ static inline __attribute__((always_inline)) void quarantine_push(mo_arena *a, u
     a->q_count++;
 }
 
-static const mo_node *find_containing(const mo_arena *a, uint64_t offset) {
-    for (uint32_t i = a->phys_head; i != MO_NIL; i = a->nodes[i].next_phys)
-        if (offset < a->nodes[i].offset + a->nodes[i].size) return &a->nodes[i];
-    return NULL;
-}
-
-static int classify_unknown_free(const mo_arena *a, uint64_t offset, uint64_t serial) {
-    if ((serial >> 32) != 0 && (serial >> 32) <= a->serial)
-        return mo_fail(MO_E_DOUBLE_FREE, "block at offset %llu (allocation #%llu) was already freed", (ull)offset,
-                       (ull)(serial >> 32));
-    const mo_node *n = find_containing(a, offset);
-    uint64_t end = n->offset + n->size;
-    if (n->state == MO_STATE_USED)
-        return mo_fail(MO_E_INVALID_FREE,
-                       "offset %llu is inside the live block [%llu, %llu), not its start (an interior offset)",
-                       (ull)offset, (ull)n->offset, (ull)end);
-    if (n->state == MO_STATE_QUARANTINED)
-        return mo_fail(MO_E_INVALID_FREE, "offset %llu is inside the freed block [%llu, %llu)", (ull)offset, (ull)n->offset,
-                       (ull)end);
-    if (n->state == MO_STATE_SLAB)
-        return mo_fail(MO_E_INVALID_FREE,
-                       "offset %llu is not a live block: it lies in the small-object slab [%llu, %llu) of %u-byte "
-                       "slots, inside a slot or in a free one",
-                       (ull)offset, (ull)n->offset, (ull)end, (unsigned)a->slabs[n->serial]->span);
-    return mo_fail(MO_E_INVALID_FREE, "offset %llu was never returned by this arena (it lies in free space [%llu, %llu))",
-                   (ull)offset, (ull)n->offset, (ull)end);
-}
-
-/* The slot of slab si that starts at offset, or -1 (inside a slot, or past the last one). */
+/* The slot of slab s that starts at offset, or -1 (inside a slot, or past the last one). */
 static inline int slot_at(const mo_slab *s, uint64_t offset) {
     uint64_t diff = offset - s->start;
     if (offset < s->start || diff >= (uint64_t)s->slots * s->span) return -1; /* also the tail past the last slot */
@@ -465,8 +470,8 @@ static inline int slot_at(const mo_slab *s, uint64_t offset) {
     return (uint64_t)k * s->span == diff ? (int)k : -1;
 }
 
-/* What starts at offset, found without the serial: a block of the core (*node) or a slab slot (*si, *k);
- * 0 when neither. */
+/* What starts at offset (a granule multiple below the capacity), found without the serial: a block of
+ * the core that is used or held back (*node), or a slab slot in any state (*si, *k); 0 when neither. */
 static int locate_by_offset(const mo_arena *a, uint64_t offset, uint32_t *node, uint32_t *si, int *k) {
     uint32_t idx = mo_core_hash_find(a, offset);
     /* Not a block's start: it may be a slot inside a slab, which starts at a multiple of its size. */
@@ -476,6 +481,7 @@ static int locate_by_offset(const mo_arena *a, uint64_t offset, uint32_t *node, 
         uint32_t i = mo_core_hash_find(a, candidate);
         if (i != MO_NIL && a->nodes[i].state == MO_STATE_SLAB && a->nodes[i].size == bytes) idx = i;
     }
+    *node = *si = MO_NIL;
     if (idx == MO_NIL) return 0;
     if (a->nodes[idx].state != MO_STATE_SLAB) {
         *node = idx;
@@ -486,23 +492,178 @@ static int locate_by_offset(const mo_arena *a, uint64_t offset, uint32_t *node, 
     return *k >= 0;
 }
 
-/* What starts at offset: a block of the core (*node) or a slab slot (*si, *k); 0 when neither. The
- * serial, when it names the block's node or slab, spares the hash-table probes. */
+/* As locate_by_offset; a serial that names the node or slot at offset spares the hash-table probes. */
 static inline __attribute__((always_inline)) int locate(const mo_arena *a, uint64_t offset, uint64_t serial,
                                                         uint32_t *node, uint32_t *si, int *k) {
     uint32_t low = (uint32_t)serial;
-    *node = *si = MO_NIL;
     if (serial && (low & MO_SLOT_REF)) {
-        uint32_t i = low & ~MO_SLOT_REF;
-        if (i < a->slab_used && a->slabs[i] && (*k = slot_at(a->slabs[i], offset)) >= 0) {
+        uint32_t i = ref_slab(low), slot = ref_slot(low);
+        const mo_slab *s = i < a->slab_used ? a->slabs[i] : NULL;
+        if (s && slot < s->slots && s->start + (uint64_t)slot * s->span == offset) {
+            *node = MO_NIL;
             *si = i;
+            *k = (int)slot;
             return 1;
         }
-    } else if (serial && low < a->node_used && a->nodes[low].state == MO_STATE_USED && a->nodes[low].offset == offset) {
+    } else if (serial && low < a->node_used && a->nodes[low].offset == offset &&
+               (a->nodes[low].state == MO_STATE_USED || a->nodes[low].state == MO_STATE_QUARANTINED)) {
         *node = low;
+        *si = MO_NIL;
         return 1;
     }
     return locate_by_offset(a, offset, node, si, k);
+}
+
+/* Whether handle h names the live block in slot k of slab si, or the live block at node n: the serial
+ * and the size are that block's (each when given), and the check is right (when given). */
+static inline int handle_valid(const mo_arena *a, mo_handle h) {
+    return !h.check || h.check == handle_check(a, h.offset, h.nbytes, h.serial);
+}
+
+static inline int slot_matches(const mo_arena *a, mo_slab *s, uint32_t si, uint32_t k, mo_handle h) {
+    return mo_slot_live(s, k) &&
+           (!h.serial || ((uint32_t)h.serial == slot_ref(si, k) && (uint16_t)(h.serial >> 32) == mo_slot_gen(s, k))) &&
+           (!h.nbytes || h.nbytes == (uint64_t)(s->span - mo_slot_slack(s, k))) && handle_valid(a, h);
+}
+
+static inline int node_matches(const mo_arena *a, const mo_node *n, mo_handle h) {
+    return n->state == MO_STATE_USED && (!h.serial || h.serial == n->serial) &&
+           (!h.nbytes || h.nbytes == n->size - n->slack) && handle_valid(a, h);
+}
+
+/* -- rejected frees: what the handle names, and what lies at its offset (cold paths) ----------------- */
+
+static const mo_node *find_containing(const mo_arena *a, uint64_t offset) {
+    for (uint32_t i = a->phys_head; i != MO_NIL; i = a->nodes[i].next_phys)
+        if (offset < a->nodes[i].offset + a->nodes[i].size) return &a->nodes[i];
+    return NULL;
+}
+
+/* What is at offset now, as the end of a sentence about it ("offset 4096 ..."). */
+static void describe_offset(const mo_arena *a, uint64_t offset, char *out, size_t size) {
+    if (offset >= a->capacity) {
+        snprintf(out, size, "is beyond the capacity of %llu bytes", (ull)a->capacity);
+        return;
+    }
+    const mo_node *n = find_containing(a, offset);
+    uint64_t end = n->offset + n->size;
+    const char *unaligned = offset % MO_GRANULE_BYTES ? " (blocks start at multiples of 16 bytes)" : "";
+    if (n->state == MO_STATE_SLAB) {
+        const mo_slab *s = a->slabs[n->serial];
+        uint64_t slot_end = s->start + (uint64_t)s->slots * s->span;
+        if (offset >= slot_end) {
+            snprintf(out, size, "lies past the last slot of the small-object slab [%llu, %llu) of %u-byte slots",
+                     (ull)n->offset, (ull)end, (unsigned)s->span);
+            return;
+        }
+        uint32_t k = (uint32_t)((offset - s->start) / s->span);
+        uint64_t start = s->start + (uint64_t)k * s->span;
+        const char *state = !mo_slot_taken(s, k) ? "free" : mo_slot_held((mo_slab *)s, k) ? "freed (held back)" : "live";
+        if (offset != start)
+            snprintf(out, size, "lies inside the %s slot [%llu, %llu) of the small-object slab [%llu, %llu) of %u-byte slots%s",
+                     state, (ull)start, (ull)(start + s->span), (ull)n->offset, (ull)end, (unsigned)s->span, unaligned);
+        else
+            snprintf(out, size, "starts a %s slot of the small-object slab [%llu, %llu) of %u-byte slots", state,
+                     (ull)n->offset, (ull)end, (unsigned)s->span);
+        return;
+    }
+    if (n->state == MO_STATE_FREE) {
+        snprintf(out, size, "lies in free space [%llu, %llu)%s", (ull)n->offset, (ull)end, unaligned);
+        return;
+    }
+    const char *state = n->state == MO_STATE_USED ? "live" : "freed (in quarantine)";
+    if (offset != n->offset)
+        snprintf(out, size, "lies inside the %s block [%llu, %llu), not at its start%s", state, (ull)n->offset, (ull)end,
+                 unaligned);
+    else
+        snprintf(out, size, "starts the %s block of allocation #%llu ([%llu, %llu))", state, (ull)(n->serial >> 32),
+                 (ull)n->offset, (ull)end);
+}
+
+/* The block the serial names, while the arena still holds it (live or held back): its offset, requested
+ * bytes and whether it is held back. 0 once it was released, or when the serial names nothing. */
+static int find_named(const mo_arena *a, uint64_t serial, uint64_t *offset, uint64_t *nbytes, int *held) {
+    uint32_t low = (uint32_t)serial;
+    if (low & MO_SLOT_REF) {
+        uint32_t si = ref_slab(low), k = ref_slot(low);
+        mo_slab *s = si < a->slab_used ? a->slabs[si] : NULL;
+        if (!s || k >= s->slots || !mo_slot_taken(s, k) || mo_slot_gen(s, k) != (uint16_t)(serial >> 32)) return 0;
+        *offset = s->start + (uint64_t)k * s->span;
+        *nbytes = s->span - mo_slot_slack(s, k);
+        *held = mo_slot_held(s, k);
+        return 1;
+    }
+    if (low >= a->node_used) return 0;
+    const mo_node *n = &a->nodes[low];
+    if ((n->state != MO_STATE_USED && n->state != MO_STATE_QUARANTINED) || n->serial != serial) return 0;
+    *offset = n->offset;
+    *nbytes = n->size - n->slack;
+    *held = n->state == MO_STATE_QUARANTINED;
+    return 1;
+}
+
+/*
+ * Why a free (or query) of handle h, which names no live block, fails. A double free only when the
+ * handle is one this arena handed out and its block was freed; anything else is an invalid free. A
+ * handle with a check is judged by it (a missing serial is then a wrong one). Without a check (a caller
+ * that keeps none), a serial naming a block still held is judged against that block, and one whose
+ * block was released passes for genuine when its number was handed out; without a serial either, the
+ * handle is judged by what starts at its offset.
+ */
+static __attribute__((cold, noinline)) int reject(const mo_arena *a, mo_handle h) {
+    char where[192];
+    describe_offset(a, h.offset, where, sizeof(where));
+    ull offset = h.offset, number = h.serial >> 32;
+    if (!h.serial && !h.check) {
+        uint32_t idx, si;
+        int k = 0;
+        if (h.offset < a->capacity && h.offset % MO_GRANULE_BYTES == 0 && locate_by_offset(a, h.offset, &idx, &si, &k)) {
+            int held, live;
+            uint64_t nbytes;
+            if (si != MO_NIL) {
+                mo_slab *s = a->slabs[si];
+                held = mo_slot_held(s, (uint32_t)k);
+                live = mo_slot_live(s, (uint32_t)k);
+                nbytes = s->span - mo_slot_slack(s, (uint32_t)k);
+            } else {
+                held = a->nodes[idx].state == MO_STATE_QUARANTINED;
+                live = !held;
+                nbytes = a->nodes[idx].size - a->nodes[idx].slack;
+            }
+            if (held)
+                return mo_fail(MO_E_DOUBLE_FREE, "block at offset %llu was already freed (it is still in quarantine or "
+                               "waiting for reuse)", offset);
+            if (live)
+                return mo_fail(MO_E_INVALID_FREE, "the block at offset %llu was asked for %llu bytes, not the handle's %llu: "
+                               "the handle's size is wrong", offset, (ull)nbytes, (ull)h.nbytes);
+        }
+        return mo_fail(MO_E_INVALID_FREE, "no block starts at offset %llu: it %s", offset, where);
+    }
+    uint64_t at, nbytes;
+    int held, named = find_named(a, h.serial, &at, &nbytes, &held);
+    int genuine = h.check ? h.check == handle_check(a, h.offset, h.nbytes, h.serial)
+                          : named ? at == h.offset && (!h.nbytes || h.nbytes == nbytes) : number && number <= a->serial;
+    if (genuine) /* not live, or it would have been freed: still held back, or released */
+        return named ? mo_fail(MO_E_DOUBLE_FREE, "block at offset %llu (allocation #%llu) was already freed (it is still "
+                               "in quarantine or waiting for reuse)", offset, number)
+                     : mo_fail(MO_E_DOUBLE_FREE, "block at offset %llu (allocation #%llu) was already freed; offset %llu "
+                               "now %s", offset, number, offset, where);
+    if (named && at != h.offset)
+        return mo_fail(MO_E_INVALID_FREE, "the handle names allocation #%llu, the %s block at offset %llu, but carries "
+                       "offset %llu (which %s): the handle's offset or serial was altered",
+                       number, held ? "freed (held back)" : "live", (ull)at, offset, where);
+    if (named && h.nbytes != nbytes)
+        return mo_fail(MO_E_INVALID_FREE, "the block at offset %llu (allocation #%llu) was asked for %llu bytes, not the "
+                       "handle's %llu: the handle's size was altered", offset, number, (ull)nbytes, (ull)h.nbytes);
+    if (named)
+        return mo_fail(MO_E_INVALID_FREE, "the handle of the block at offset %llu (allocation #%llu) has a check that is "
+                       "not the one this arena gave it: the handle was altered", offset, number);
+    if (h.check)
+        return mo_fail(MO_E_INVALID_FREE, "no block of this arena had this handle (offset %llu, %llu bytes, allocation "
+                       "#%llu): its offset, size or serial was altered, or it is another arena's; offset %llu %s",
+                       offset, (ull)h.nbytes, number, offset, where);
+    return mo_fail(MO_E_INVALID_FREE, "serial %#llx was never handed out by this arena; offset %llu %s", (ull)h.serial,
+                   offset, where);
 }
 
 static int guard_broken(const mo_arena *a, uint64_t offset, uint64_t nbytes, uint64_t span) {
@@ -513,23 +674,15 @@ static int guard_broken(const mo_arena *a, uint64_t offset, uint64_t nbytes, uin
                    (ull)offset, (ull)(offset + nbytes), (ull)bad, (ull)(bad - offset - nbytes + 1), (ull)nbytes);
 }
 
-static inline __attribute__((always_inline)) int free_slot(mo_arena *a, uint32_t si, uint32_t k, uint64_t offset,
-                                                           uint64_t serial) {
+/* Free the live block in slot k of slab si, which the handle names. */
+static inline __attribute__((always_inline)) int free_slot(mo_arena *a, uint32_t si, uint32_t k, uint64_t offset) {
     mo_slab *s = a->slabs[si];
-    if (mo_slot_held(s, k))
-        return mo_fail(MO_E_DOUBLE_FREE, "block at offset %llu was already freed (it is still in quarantine or waiting for "
-                       "reuse)", (ull)offset);
-    if (!mo_slot_taken(s, k)) return classify_unknown_free(a, offset, serial);
-    if (serial && ((uint32_t)serial != (MO_SLOT_REF | si) || (uint16_t)(serial >> 32) != mo_slot_gen(s, k)))
-        return mo_fail(MO_E_DOUBLE_FREE,
-                       "block at offset %llu (allocation #%llu) was already freed; the offset now holds another block",
-                       (ull)offset, (ull)(serial >> 32));
     uint64_t span = s->span, nbytes = span - mo_slot_slack(s, k);
     if (canaries_on(a) && find_bad_canary(a, offset + nbytes, offset + span) != offset + span)
         return guard_broken(a, offset, nbytes, span);
 
     /* Nothing below can fail. */
-    if (poison_on(a)) memset(a->base + offset, a->poison_byte, span);
+    if (slots_filled(a)) memset(a->base + offset, fill_byte(a), span);
     a->st.allocated_bytes -= span;
     a->st.requested_bytes -= nbytes;
     a->st.live_blocks--;
@@ -543,34 +696,19 @@ static inline __attribute__((always_inline)) int free_slot(mo_arena *a, uint32_t
     }
     a->st.quarantined_bytes += span;
     a->st.quarantined_blocks++;
-    quarantine_push(a, MO_SLOT_REF | si << MO_SLOT_BITS | k);
+    quarantine_push(a, slot_ref(si, k));
     return MO_OK;
 }
 
-int mo_arena_free(mo_arena *a, uint64_t offset, uint64_t serial) {
-    if (offset >= a->capacity)
-        return mo_fail(MO_E_INVALID_FREE, "offset %llu is beyond the capacity of %llu bytes", (ull)offset,
-                       (ull)a->capacity);
-    if (offset % MO_GRANULE_BYTES)
-        return mo_fail(MO_E_INVALID_FREE, "offset %llu was never returned by this arena (blocks start at multiples of %u)",
-                       (ull)offset, MO_GRANULE_BYTES);
-    uint32_t idx, si;
-    int k;
-    if (!locate(a, offset, serial, &idx, &si, &k)) return classify_unknown_free(a, offset, serial);
-    if (si != MO_NIL) return free_slot(a, si, (uint32_t)k, offset, serial);
+/* Free the live block at node idx, which the handle names. */
+static inline __attribute__((always_inline)) int free_node(mo_arena *a, uint32_t idx, uint64_t offset) {
     mo_node *n = &a->nodes[idx];
-    if (n->state == MO_STATE_QUARANTINED)
-        return mo_fail(MO_E_DOUBLE_FREE, "block at offset %llu was already freed (it is still in quarantine)", (ull)offset);
-    if (serial != 0 && serial != n->serial)
-        return mo_fail(MO_E_DOUBLE_FREE,
-                       "block at offset %llu (allocation #%llu) was already freed; the offset now holds allocation #%llu",
-                       (ull)offset, (ull)(serial >> 32), (ull)(n->serial >> 32));
     uint64_t nbytes = n->size - n->slack;
     if (canaries_on(a) && find_bad_canary(a, offset + nbytes, offset + n->size) != offset + n->size)
         return guard_broken(a, offset, nbytes, n->size);
 
     /* Nothing below can fail: releasing blocks only returns nodes to the pool. */
-    if (poison_on(a)) memset(a->base + offset, a->poison_byte, n->size);
+    if (filled_when_freed(a, n->size)) memset(a->base + offset, fill_byte(a), n->size);
     a->st.allocated_bytes -= n->size;
     a->st.requested_bytes -= nbytes;
     a->st.live_blocks--;
@@ -587,26 +725,37 @@ int mo_arena_free(mo_arena *a, uint64_t offset, uint64_t serial) {
     return MO_OK;
 }
 
-int mo_arena_query(const mo_arena *a, uint64_t offset, uint64_t serial, uint64_t *nbytes, uint64_t *span) {
+int mo_arena_free(mo_arena *a, mo_handle h) {
     uint32_t idx, si;
     int k;
-    if (offset < a->capacity && offset % MO_GRANULE_BYTES == 0 && locate(a, offset, serial, &idx, &si, &k)) {
+    if (h.offset < a->capacity && h.offset % MO_GRANULE_BYTES == 0 && locate(a, h.offset, h.serial, &idx, &si, &k)) {
+        if (si != MO_NIL) {
+            if (slot_matches(a, a->slabs[si], si, (uint32_t)k, h)) return free_slot(a, si, (uint32_t)k, h.offset);
+        } else if (node_matches(a, &a->nodes[idx], h)) {
+            return free_node(a, idx, h.offset);
+        }
+    }
+    return reject(a, h);
+}
+
+int mo_arena_query(const mo_arena *a, mo_handle h, uint64_t *nbytes, uint64_t *span) {
+    uint32_t idx, si;
+    int k;
+    if (h.offset < a->capacity && h.offset % MO_GRANULE_BYTES == 0 && locate(a, h.offset, h.serial, &idx, &si, &k)) {
         if (si != MO_NIL) {
             mo_slab *s = a->slabs[si];
-            if (mo_slot_live(s, (uint32_t)k) &&
-                (!serial || ((uint32_t)serial == (MO_SLOT_REF | si) && (uint16_t)(serial >> 32) == mo_slot_gen(s, (uint32_t)k)))) {
+            if (slot_matches(a, s, si, (uint32_t)k, h)) {
                 *span = s->span;
                 *nbytes = s->span - mo_slot_slack(s, (uint32_t)k);
                 return MO_OK;
             }
-        } else if (a->nodes[idx].state == MO_STATE_USED && (!serial || serial == a->nodes[idx].serial)) {
+        } else if (node_matches(a, &a->nodes[idx], h)) {
             *nbytes = a->nodes[idx].size - a->nodes[idx].slack;
             *span = a->nodes[idx].size;
             return MO_OK;
         }
     }
-    return mo_fail(MO_E_INVALID_FREE, "no live block starts at offset %llu (it was freed or never allocated)",
-                   (ull)offset);
+    return reject(a, h);
 }
 #define BROKEN(...) return mo_fail(MO_E_CORRUPTION, "metadata invariant broken: " __VA_ARGS__)
 
@@ -650,12 +799,12 @@ static int check_canary(const mo_arena *a, uint64_t offset, uint64_t nbytes, uin
 }
 
 static int check_freed(const mo_arena *a, uint64_t start, uint64_t end) {
-    uint64_t bad = find_bad_poison(a, start, end);
+    uint64_t bad = find_bad_fill(a, start, end);
     if (bad == end) return MO_OK;
     return mo_fail(MO_E_CORRUPTION,
-                   "freed memory was written after free: byte at offset %llu (in freed block [%llu, %llu)) differs "
-                   "from the poison pattern",
-                   (ull)bad, (ull)start, (ull)end);
+                   "freed memory was written after free: byte at offset %llu (in freed block [%llu, %llu)) is 0x%02x, "
+                   "not the fill 0x%02x of freed memory",
+                   (ull)bad, (ull)start, (ull)end, a->base[bad], fill_byte(a));
 }
 
 /* One slab: its record, bitmaps, per-slot data, guard words and poison. Adds to the walk's counts. */
@@ -685,14 +834,14 @@ static int check_slab(const mo_arena *a, uint32_t i, uint64_t counts[5]) {
             if (canaries_on(a) && check_canary(a, start, nbytes, s->span) != MO_OK) return MO_E_CORRUPTION;
         } else {
             counts[is_held ? 3 : 4]++; /* quarantined or free; bytes follow from the span */
-            if (poison_on(a) && check_freed(a, start, start + s->span) != MO_OK) return MO_E_CORRUPTION;
+            if (slots_filled(a) && check_freed(a, start, start + s->span) != MO_OK) return MO_E_CORRUPTION;
         }
         taken += is_used || is_held;
     }
     if (live != s->live || taken != s->taken)
         BROKEN("slab at offset %llu counts %u live and %u taken slots, has %llu and %llu", (ull)n->offset, s->live,
                s->taken, (ull)live, (ull)taken);
-    if (poison_on(a) && check_freed(a, s->start + (uint64_t)s->slots * s->span, s->start + n->size) != MO_OK)
+    if (slots_filled(a) && check_freed(a, s->start + (uint64_t)s->slots * s->span, s->start + n->size) != MO_OK)
         return MO_E_CORRUPTION;
     counts[0] += live;
     return MO_OK;
@@ -746,7 +895,7 @@ int mo_arena_check(const mo_arena *a) {
             } else {
                 quarantined++;
                 quarantined_bytes += n->size;
-                if (poison_on(a) && check_freed(a, n->offset, end) != MO_OK) return MO_E_CORRUPTION;
+                if (filled_when_freed(a, n->size) && check_freed(a, n->offset, end) != MO_OK) return MO_E_CORRUPTION;
             }
         } else {
             BROKEN("block at offset %llu has state %u", (ull)n->offset, n->state);

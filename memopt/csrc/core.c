@@ -369,6 +369,7 @@ mo_arena *mo_core_new(uint64_t capacity, void *base, uint32_t quarantine_blocks,
     a->canary_key = splitmix64(&state);
     /* Never 0: zero-filled memory must not pass for poison. */
     a->poison_byte = (uint8_t)(splitmix64(&state) | 1u);
+    a->check_key = splitmix64(&state);
     uint32_t top_fl, top_sl;
     mo_core_mapping(capacity, &top_fl, &top_sl);
     a->fl_count = top_fl + 1;

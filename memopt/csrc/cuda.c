@@ -172,7 +172,7 @@ MO_API void *mo_cuda_malloc(size_t nbytes, int device, void *stream) {
     if (nbytes == 0 || device < 0 || device >= MO_MAX_DEVICES || !regions[device].handle) return NULL;
     uint64_t offset, span, serial;
     /* NULL makes torch free its cached blocks and retry, then raise OutOfMemoryError. */
-    if (mo_alloc(regions[device].handle, nbytes, MO_CUDA_ALIGNMENT, &offset, &span, &serial) != MO_OK) return NULL;
+    if (mo_alloc(regions[device].handle, nbytes, MO_CUDA_ALIGNMENT, &offset, &span, &serial, NULL) != MO_OK) return NULL;
     return (void *)(uintptr_t)(regions[device].base + offset);
 }
 
@@ -187,7 +187,7 @@ MO_API void mo_cuda_free(void *ptr, size_t nbytes, int device, void *stream) {
         rc = mo_fail(MO_E_INVALID_FREE, "pointer 0x%llx is not in device %d's memopt arena", (unsigned long long)address,
                      device);
     else
-        rc = mo_free(g->handle, address - g->base, 0);
+        rc = mo_free(g->handle, address - g->base, 0, 0, 0);
     if (rc != MO_OK) {
         /* A free cannot raise into torch; record it for check() to report. */
         pthread_mutex_lock(&cuda_lock);

@@ -11,6 +11,14 @@
  * equal slots), which needs 3 bytes of metadata a slot instead of a descriptor and a hash slot a block;
  * recently freed slots wait in a per-span cache for the next request of their span.
  *
+ * A block is named by a handle of four words that mo_alloc hands out: its offset, the bytes asked for,
+ * a serial (the allocation number and where the allocator keeps the block) and a check (a keyed hash
+ * of the other three). A free or query is judged by them: the block it names is freed; a handle of a
+ * block that was freed is a double free; any other handle (an altered offset, size or serial, another
+ * arena's block, an offset that never started a block) is an invalid free. A caller that keeps only
+ * some of the words passes 0 for the others and is judged by what it gave (by the offset alone, at
+ * least), as far as the arena still holds the blocks concerned.
+ *
  * Arenas are named by handles (slot index and generation), never by raw pointers, so a call on a
  * destroyed arena is detected. Every call is serialised by a per-arena mutex. A call that fails
  * leaves the arena exactly as it was and describes the failure in mo_last_error(), a thread-local
@@ -33,13 +41,16 @@ extern "C" {
 #endif
 
 /* Bumped whenever a signature or mo_stats_t changes; the Python loader refuses a mismatch. */
-#define MO_ABI_VERSION 3u
+#define MO_ABI_VERSION 4u
 
 /* Offsets and block spans are multiples of this many bytes. */
 #define MO_GRANULE_BYTES 16u
 /* With canaries on, at least this many guard bytes follow the requested bytes of every block; these
  * first ones hold the canary (with poison on as well, the canary fills the block's whole slack). */
 #define MO_CANARY_MIN_BYTES 8u
+/* Blocks of at most this span are small: slab slots when their alignment allows, zeroed when freed under
+ * MO_F_ZERO_SMALL. */
+#define MO_SMALL_MAX_SPAN_BYTES 1024u
 /* Largest capacity an arena accepts: keeps every offset + alignment sum far from overflow. */
 #define MO_MAX_CAPACITY_BYTES (1ull << 60)
 
@@ -47,17 +58,22 @@ enum mo_status {
     MO_OK = 0,
     MO_E_INVALID_ARG = 1,  /* size 0, alignment not a power of two, bad capacity or flags */
     MO_E_EXHAUSTED = 2,    /* no free block fits (or the request exceeds the capacity) */
-    MO_E_DOUBLE_FREE = 3,  /* the block was freed already */
-    MO_E_INVALID_FREE = 4, /* the offset was never returned: unknown, interior or out of range */
-    MO_E_CORRUPTION = 5,   /* a canary or poison byte was overwritten, or an invariant broke */
+    MO_E_DOUBLE_FREE = 3,  /* the handle's block was freed already */
+    MO_E_INVALID_FREE = 4, /* no block of this arena has this handle: unknown, interior or out-of-range offset,
+                            * or an altered offset, size, serial or check */
+    MO_E_CORRUPTION = 5,   /* a canary, or a poisoned or zeroed byte of freed memory, was overwritten, or an
+                            * invariant broke */
     MO_E_BAD_HANDLE = 6,   /* the arena was destroyed, or the handle was never valid */
     MO_E_NOMEM = 7,        /* host memory for metadata could not be obtained */
     MO_E_CUDA = 8          /* the CUDA driver is missing or a driver call failed */
 };
 
 enum mo_flags {
-    MO_F_CANARIES = 1u, /* a canary right after each block, checked on free and by mo_check (host only) */
-    MO_F_POISON = 2u    /* fill freed bytes with a poison byte, verified on reuse and by mo_check */
+    MO_F_CANARIES = 1u,  /* a canary right after each block, checked on free and by mo_check (host only) */
+    MO_F_POISON = 2u,    /* fill all free memory with a poison byte, verified on reuse and by mo_check (host only) */
+    MO_F_ZERO_SMALL = 4u /* zero each freed block of span <= MO_SMALL_MAX_SPAN_BYTES (and each new slab); mo_check
+                          * verifies the zeros of the free and held-back ones, reuse does not (host only;
+                          * MO_F_POISON, which covers every block, takes its place when both are set) */
 };
 
 typedef struct mo_stats {
@@ -89,23 +105,29 @@ MO_API const char *mo_last_error(void);
 
 /*
  * Create an arena over [0, capacity_bytes). base is the host address of the managed memory when the
- * arena may read and write it (canaries, poison); NULL for memory the host cannot touch (GPU).
+ * arena may read and write it (canaries, poison, zeroing); NULL for memory the host cannot touch (GPU).
  * quarantine_blocks freed blocks are held back from reuse, oldest released first. seed randomises
- * the canary and poison patterns (0 picks one from the clock and addresses).
+ * the canary and poison patterns and the key of the handle checks (0 picks one from the clock and
+ * addresses).
  */
 MO_API int mo_arena_create(uint64_t capacity_bytes, void *base, uint32_t quarantine_blocks, uint32_t flags,
                            uint64_t seed, uint64_t *handle_out);
 MO_API int mo_arena_destroy(uint64_t handle);
 
-/* Allocate nbytes at an offset that is a multiple of alignment (a power of two). serial_out is a
- * number unique to this allocation; passing it back to mo_free lets a stale handle be told apart
- * from a live block that reuses the same offset, and saves the free a hash-table probe. */
+/* Allocate nbytes at an offset that is a multiple of alignment (a power of two). serial_out is unique
+ * to this allocation: passed back, it tells a stale handle from a live block that reuses the offset and
+ * saves the free a hash-table probe. check_out (may be NULL) is a keyed hash of (offset, nbytes,
+ * serial): passed back, it tells a handle of a block freed long ago (a double free) from an altered one
+ * (an invalid free) after the arena has forgotten that block. */
 MO_API int mo_alloc(uint64_t handle, uint64_t nbytes, uint64_t alignment, uint64_t *offset_out,
-                    uint64_t *span_out, uint64_t *serial_out);
-/* Free the block at offset; serial is the value mo_alloc returned, or 0 when unknown. */
-MO_API int mo_free(uint64_t handle, uint64_t offset, uint64_t serial);
-/* MO_OK when offset starts a live block (with this serial unless 0); gives its requested bytes and span. */
-MO_API int mo_query(uint64_t handle, uint64_t offset, uint64_t serial, uint64_t *nbytes_out, uint64_t *span_out);
+                    uint64_t *span_out, uint64_t *serial_out, uint64_t *check_out);
+/* Free the block at offset. nbytes, serial and check are mo_alloc's values, each 0 when unknown: with
+ * nbytes the block must have been asked for that many bytes; a check is verified against all three. */
+MO_API int mo_free(uint64_t handle, uint64_t offset, uint64_t nbytes, uint64_t serial, uint64_t check);
+/* MO_OK when the handle (as for mo_free) names a live block; gives its requested bytes and span. A
+ * handle that does not fails as mo_free would, with the same code and message. */
+MO_API int mo_query(uint64_t handle, uint64_t offset, uint64_t nbytes, uint64_t serial, uint64_t check,
+                    uint64_t *nbytes_out, uint64_t *span_out);
 /* Walk every invariant: block chain, free lists and bitmaps, hash table, quarantine, counters,
  * canaries and poison. */
 MO_API int mo_check(uint64_t handle);

@@ -19,15 +19,18 @@ enum { MO_STATE_FREE = 0, MO_STATE_USED = 1, MO_STATE_QUARANTINED = 2, MO_STATE_
  * own costs a 40-byte node and a hash slot, so tiny blocks no longer cost more metadata than memory;
  * sizing slabs by slot count keeps the half-used last slab of each class small. An offset finds its
  * slab by rounding down to each slab size in turn, without a per-slot table. */
-#define MO_SLAB_MAX_SPAN 1024u
+#define MO_SLAB_MAX_SPAN MO_SMALL_MAX_SPAN_BYTES
 #define MO_SLAB_CLASSES (MO_SLAB_MAX_SPAN / 16u)
 #define MO_SLAB_TARGET_SLOTS 64u
 #define MO_SLAB_MIN_BYTES 1024u /* MO_SLAB_TARGET_SLOTS granules */
 #define MO_SLAB_MAX_BYTES 16384u
-/* A quarantine entry or a serial's low half with this bit names a slab slot, not a node. */
+/* A quarantine entry or a serial's low half with this bit names a slab slot (MO_SLOT_REF | slab <<
+ * MO_SLOT_BITS | slot), not a node. */
 #define MO_SLOT_REF 0x80000000u
 #define MO_SLOT_BITS 7u /* a slot index: a slab has fewer than 2 * MO_SLAB_TARGET_SLOTS slots */
 #define MO_MAX_SLABS (1u << (31u - MO_SLOT_BITS))
+_Static_assert(2u * MO_SLAB_TARGET_SLOTS <= (1u << MO_SLOT_BITS), "a slot index (below 2 * MO_SLAB_TARGET_SLOTS) must fit MO_SLOT_BITS");
+_Static_assert(MO_SLAB_MAX_SPAN / MO_GRANULE_BYTES == MO_SLAB_CLASSES, "one slab class per granule count");
 
 /* Bytes of a slab of span-byte slots: the power of two at or above MO_SLAB_TARGET_SLOTS slots. */
 static inline uint64_t mo_slab_bytes(uint64_t span) {
@@ -102,6 +105,7 @@ typedef struct mo_arena {
     uint8_t *base;
     uint32_t flags;
     uint64_t canary_key;
+    uint64_t check_key;  /* keys the handle checks mo_alloc hands out */
     uint8_t poison_byte;
 
     mo_node *nodes;
@@ -166,10 +170,15 @@ uint32_t mo_core_slab_new(mo_arena *a, uint32_t cls);
 void mo_core_slab_drop(mo_arena *a, uint32_t si);
 
 /* arena.c: the checked operations. */
+/* A block's handle as the caller passes it back: mo_alloc's four values, each 0 when unknown but the offset. */
+typedef struct mo_handle {
+    uint64_t offset, nbytes, serial, check;
+} mo_handle;
+
 int mo_arena_alloc(mo_arena *a, uint64_t nbytes, uint64_t alignment, uint64_t *offset, uint64_t *span,
-                   uint64_t *serial);
-int mo_arena_free(mo_arena *a, uint64_t offset, uint64_t serial);
-int mo_arena_query(const mo_arena *a, uint64_t offset, uint64_t serial, uint64_t *nbytes, uint64_t *span);
+                   uint64_t *serial, uint64_t *check);
+int mo_arena_free(mo_arena *a, mo_handle h);
+int mo_arena_query(const mo_arena *a, mo_handle h, uint64_t *nbytes, uint64_t *span);
 int mo_arena_check(const mo_arena *a);
 void mo_arena_stats(const mo_arena *a, mo_stats_t *out);
 

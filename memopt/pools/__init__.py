@@ -1,9 +1,14 @@
 """Memory pools over memopt's hardened C allocator.
 
 ``Arena`` manages a region of host memory (optionally pinned) or GPU memory: blocks are offsets,
-tensors are views, and every misuse (double, unknown or interior free, use of a closed arena,
-overflow past a block, write after free) is reported as a ``memopt.AllocatorError`` subclass instead
-of corrupting anything. ``cuda_allocator`` puts the same core behind torch's pluggable CUDA allocator.
+tensors are views, and misuse is reported as a ``memopt.AllocatorError`` subclass instead of
+corrupting anything: a double free, a free of an unknown or interior offset or through an altered
+``Block``, use of a closed arena, and (host arenas, hardened by default) an overflow past a block.
+After a free: a hardened host arena zeroes each freed block of at most 1 KiB, and ``check()`` reports
+a write into one while it is held back; larger freed blocks keep their contents, and reuse verifies
+nothing, unless ``poison=True``, which poisons all free memory and reports a write after free into
+any block when it is handed out again or checked. ``cuda_allocator`` puts the same core behind torch's
+pluggable CUDA allocator.
 
 Example:
     >>> import torch

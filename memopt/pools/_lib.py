@@ -22,10 +22,11 @@ from memopt.errors import AllocatorError, ArenaExhausted, CorruptionError, Doubl
 
 __all__ = ["ABI_VERSION", "GRANULE_BYTES", "InvalidRequest", "MoStats", "error_for", "library", "library_path"]
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 GRANULE_BYTES = 16
 OK, E_INVALID_ARG, E_EXHAUSTED, E_DOUBLE_FREE, E_INVALID_FREE, E_CORRUPTION, E_BAD_HANDLE, E_NOMEM, E_CUDA = range(9)
-F_CANARIES, F_POISON = 1, 2
+F_CANARIES, F_POISON, F_ZERO_SMALL = 1, 2, 4
+SMALL_MAX_SPAN_BYTES = 1024
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
 _CSRC = _PACKAGE_DIR / "csrc"
@@ -134,9 +135,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         "mo_last_error": (ctypes.c_char_p, []),
         "mo_arena_create": (ctypes.c_int, [u64, ctypes.c_void_p, u32, u32, u64, p64]),
         "mo_arena_destroy": (ctypes.c_int, [u64]),
-        "mo_alloc": (ctypes.c_int, [u64, u64, u64, p64, p64, p64]),
-        "mo_free": (ctypes.c_int, [u64, u64, u64]),
-        "mo_query": (ctypes.c_int, [u64, u64, u64, p64, p64]),
+        "mo_alloc": (ctypes.c_int, [u64, u64, u64, p64, p64, p64, p64]),
+        "mo_free": (ctypes.c_int, [u64, u64, u64, u64, u64]),
+        "mo_query": (ctypes.c_int, [u64, u64, u64, u64, u64, p64, p64]),
         "mo_check": (ctypes.c_int, [u64]),
         "mo_stats": (ctypes.c_int, [u64, ctypes.POINTER(MoStats)]),
         "mo_cuda_init": (ctypes.c_int, [ctypes.c_int, u64, u32, u64, p64, p64]),
@@ -156,6 +157,9 @@ def library() -> ctypes.CDLL:
             path = library_path()
             lib = ctypes.CDLL(str(path))
             _declare(lib)
+            if lib.mo_abi_version() != ABI_VERSION:
+                raise ImportError(f"{path} has allocator ABI {lib.mo_abi_version()}, memopt needs {ABI_VERSION}; "
+                                  "rebuild: pip install -e .")
             if lib.mo_stats_size() != ctypes.sizeof(MoStats):
                 raise ImportError(f"{path} has a different mo_stats_t than memopt {ABI_VERSION=}; rebuild: pip install -e .")
             _library, _path = lib, path

@@ -4,6 +4,14 @@ It does not choose offsets (any placement policy is allowed); it checks what the
 that a block is aligned, inside the arena and overlaps no live or quarantined block, that a failure
 was justified (no gap could hold the request), that frees are classified as the rules say, and it
 keeps the statistics the allocator must report. Used by the differential test and the fuzz harness.
+
+The rules for a free, which the model applies with a full record of every handle ever handed out:
+a ``Block`` from ``alloc`` (it carries an arena key) frees its block when all its fields (offset,
+size, serial, check) are exactly those ``alloc`` returned and the block is live; it is a
+``DoubleFree`` when they are and the block was freed; any altered field makes it an ``InvalidFree``.
+A ``Block`` made by hand is judged by its offset and its size (0: unknown): a live block there of that
+size is freed, a freed block still held back (quarantine or slot cache) is a ``DoubleFree``, anything
+else an ``InvalidFree``.
 """
 
 from __future__ import annotations
@@ -103,7 +111,7 @@ class ReferenceArena:
         self.cache: dict[int, list[_Entry]] = {}      # span -> slots waiting for reuse, last one first
         self.quarantine: deque[int] = deque()
         self.cached_blocks = self.cached_bytes = 0    # free and cached slots of slabs
-        self.freed_serials: set[int] = set()
+        self.handles: dict[int, tuple[int, int, int]] = {}  # serial -> (offset, nbytes, check), every alloc
         self.max_serial = 0
         self.allocated = self.requested = self.quarantined_bytes = 0
         self.peak = self.high_water = self.alloc_count = self.free_count = self.flushes = 0
@@ -277,7 +285,7 @@ class ReferenceArena:
         return slab
 
     def on_alloc(self, nbytes: int, alignment: int, result, flushes_after: int) -> None:
-        """Check an alloc's outcome: ``result`` is (offset, span, serial) or the exception raised."""
+        """Check an alloc's outcome: ``result`` is (offset, span, serial, check) or the exception raised."""
         valid_args = isinstance(nbytes, int) and nbytes > 0 and alignment > 0 and not alignment & (alignment - 1)
         if isinstance(result, BaseException):
             if not valid_args:
@@ -295,7 +303,7 @@ class ReferenceArena:
             return
         if not valid_args:
             raise ReferenceMismatch(f"alloc({nbytes}, {alignment}) succeeded; expected InvalidRequest")
-        offset, span, serial = result
+        offset, span, serial, check = result
         want_span, align = self.span_of(nbytes), self.align_of(alignment)
         if span != want_span:
             raise ReferenceMismatch(f"alloc({nbytes}) spans {span}, expected {want_span}")
@@ -338,22 +346,32 @@ class ReferenceArena:
         else:
             self._place(offset, entry)
         self.entries[offset] = entry
+        self.handles[serial] = (offset, nbytes, check)
         self.max_serial = serial
         self.allocated += span
         self.requested += nbytes
         self.alloc_count += 1
         self.peak = max(self.peak, self.allocated)
 
-    def expected_free_error(self, offset: int, serial: int) -> type[Exception] | None:
-        """The exception a free must raise, or None when it must succeed."""
+    def expected_free_error(self, block) -> type[Exception] | None:
+        """The exception freeing ``block`` (a ``Block``) must raise, or None when it must succeed."""
+        offset, nbytes = block.offset, block.nbytes
+        for value in (offset, nbytes, block.serial, block.check):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
+                return InvalidFree
         entry = self.entries.get(offset)
-        if entry is not None and not entry.quarantined and not entry.cached and serial in (0, entry.serial):
-            return None
-        if entry is not None or (serial and serial in self.freed_serials):
-            return DoubleFree  # in quarantine or the cache, or a stale handle: its block was freed (and maybe the offset reused)
-        return InvalidFree
+        live = entry is not None and not entry.quarantined and not entry.cached
+        if block.arena_key:  # from alloc, perhaps altered: it must be exactly a handle the arena gave out
+            if self.handles.get(block.serial) != (offset, nbytes, block.check):
+                return InvalidFree
+            return None if live and entry.serial == block.serial else DoubleFree
+        if entry is None:  # made by hand: judged by what starts at its offset, and its size unless 0
+            return InvalidFree
+        if not live:
+            return DoubleFree
+        return None if nbytes in (0, entry.nbytes) else InvalidFree
 
-    def reject_free(self, arena, block, serial: int) -> None:
+    def reject_free(self, arena, block) -> None:
         """Free ``block`` in the real ``arena`` expecting a rejection: the error must be the one this model
         predicts, and the arena's statistics must not move."""
         from memopt.errors import AllocatorError
@@ -364,25 +382,26 @@ class ReferenceArena:
             arena.free(block)
         except AllocatorError as exc:
             error = exc
-        self.on_free(block.offset, serial, error)
+        self.on_free(block, error)
         if error is None or arena.stats() != before:
             raise ReferenceMismatch(f"free({block.offset}) should have been rejected and left the arena as it was")
 
-    def on_free(self, offset: int, serial: int, error: BaseException | None) -> None:
-        """Check a free's outcome (``error`` is the exception raised, or None) and apply it."""
-        expected = self.expected_free_error(offset, serial)
+    def on_free(self, block, error: BaseException | None) -> None:
+        """Check the outcome of freeing ``block`` (``error`` is the exception raised, or None) and apply it."""
+        offset = block.offset
+        expected = self.expected_free_error(block)
         if expected is None:
             if error is not None:
                 raise ReferenceMismatch(f"free({offset}) raised {error!r}; the block is live")
         else:
             if not isinstance(error, expected):
-                raise ReferenceMismatch(f"free({offset}, serial {serial}) gave {error!r}, expected {expected.__name__}")
+                raise ReferenceMismatch(f"free({offset}, {block.nbytes!r} bytes, serial {block.serial!r}) gave "
+                                        f"{error!r}, expected {expected.__name__}")
             return
         entry = self.entries[offset]
         self.allocated -= entry.span
         self.requested -= entry.nbytes
         self.free_count += 1
-        self.freed_serials.add(entry.serial)
         if self.quarantine_len == 0:
             self._release(entry)
             return

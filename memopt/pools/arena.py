@@ -39,9 +39,10 @@ class ArenaConfig:
         device (str | torch.device, default "cpu"): where the memory lives: ``"cpu"`` or a CUDA device.
         pin_memory (bool, default False): page-lock host memory (needs CUDA), so copies to and from the
             GPU run asynchronously.
-        hardened (bool, default True): turn on every check the memory kind allows: on host arenas the
-            guard canaries and the quarantine, on GPU arenas the quarantine. Double, unknown and interior
-            frees are detected either way.
+        hardened (bool, default True): turn on the checks the memory kind allows at a modest cost (see
+            bench/README.md): on host arenas the guard canaries, the quarantine and the zeroing of freed
+            small blocks, on GPU arenas the quarantine. Double, unknown, interior and altered-handle frees
+            are detected either way.
         quarantine (int | None, default None): freed blocks held back from reuse, oldest released
             first; None means 16 when hardened, else 0. An allocation that only fits by reusing them
             releases the whole quarantine instead of failing.
@@ -49,9 +50,19 @@ class ArenaConfig:
             requested size (random per arena), checked on free and by ``check()``; with ``poison`` on
             as well it fills the block's whole rounding slack. Host arenas only. None follows
             ``hardened``.
-        poison (bool, default False): fill freed blocks with a poison byte and verify it on reuse and in
-            ``check()``, which reports writes after free; host arenas only. Costs a pass over each block.
+        poison (bool, default False): fill every freed block, and all free memory, with a poison byte
+            (random per arena) and verify it whenever memory is handed out again and in ``check()``: a
+            write after free into any block is reported. Host arenas only. Costs a pass over each freed
+            block, one over each reused one and one over the whole arena at creation.
         name (str | None, default None): the arena's name in error messages; None picks ``arena-<n>``.
+        zero_small_on_free (bool | None, default None): zero each freed block of a span of at most 1 KiB
+            (guard bytes included) at once, so a freed small block never keeps its contents, and have
+            ``check()`` report a byte written into one after its free: while it is held back (quarantine,
+            or the slot cache of a slab slot: a block whose span is at most 1 KiB and a multiple of its
+            alignment) and, for a slot, while it is free in its slab. Reuse does not verify the zeros
+            (that pass cost more than the zeroing); larger blocks keep their contents. ``poison``
+            covers both, at a higher cost. Host arenas only. None follows ``hardened``; ``poison``
+            supersedes it.
     """
 
     capacity_bytes: int | str
@@ -62,6 +73,7 @@ class ArenaConfig:
     canaries: bool | None = None
     poison: bool = False
     name: str | None = None
+    zero_small_on_free: bool | None = None
 
     def __post_init__(self) -> None:
         self.capacity_bytes = parse_bytes(self.capacity_bytes, what="capacity_bytes")
@@ -84,9 +96,11 @@ class ArenaConfig:
             raise ValueError(f"quarantine must be a block count in [0, 2**31), got {self.quarantine!r}; e.g. 16")
         if self.canaries is None:
             self.canaries = self.hardened and host
-        if (self.canaries or self.poison) and not host:
-            raise ValueError(f"canaries and poison need host memory; device {self.device} cannot be read by the "
-                             "allocator, so pass canaries=False, poison=False")
+        if self.zero_small_on_free is None:
+            self.zero_small_on_free = self.hardened and host
+        if (self.canaries or self.poison or self.zero_small_on_free) and not host:
+            raise ValueError(f"canaries, poison and zeroing need host memory; device {self.device} cannot be written "
+                             "by the allocator, so pass canaries=False, poison=False, zero_small_on_free=False")
         if self.name is None:
             self.name = f"arena-{next(_names)}"
 
@@ -99,14 +113,20 @@ class Block:
         offset (int): byte offset of the block in the arena.
         nbytes (int): bytes requested for it (the block may span a few more: ``span_bytes``).
         span_bytes (int): bytes the block occupies, guard bytes and rounding included.
+
+    A block from ``alloc`` also carries (unshown) the arena that handed it out, its allocation number
+    and a keyed hash of its offset, size and number: so a free through a stale copy is a ``DoubleFree``
+    and one through a copy with an altered field (``dataclasses.replace(block, offset=...)``) an
+    ``InvalidFree``. A ``Block(offset, nbytes)`` made by hand is judged by its offset and size alone.
     """
 
     offset: int
     nbytes: int
     span_bytes: int = 0
-    # Which arena handed it out and its allocation number: lets a stale or foreign block be named.
+    # Which arena handed it out, its allocation number and the check of the three fields above it.
     arena_key: int = field(default=0, repr=False, compare=False)
     serial: int = field(default=0, repr=False, compare=False)
+    check: int = field(default=0, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -178,12 +198,16 @@ class Arena:
         capacity_bytes (int | str): bytes to manage, e.g. ``1 << 30`` or ``"1GiB"``.
         device (str | torch.device, default "cpu"): ``"cpu"`` or a CUDA device.
         pin_memory (bool, default False): page-locked host memory (needs CUDA).
-        hardened (bool, default True): every check the memory kind allows (canaries and quarantine on
-            host, quarantine on GPU).
+        hardened (bool, default True): the checks the memory kind allows at a modest cost (canaries,
+            quarantine and zeroing of freed small blocks on host, quarantine on GPU).
         quarantine (int | None, default None): freed blocks held back from reuse; None: 16 if hardened.
         canaries (bool | None, default None): guard bytes after each block (host only); None: hardened.
-        poison (bool, default False): poison freed memory and report writes after free (host only).
+        poison (bool, default False): poison all freed memory and report writes after free into any
+            block (host only).
         name (str | None, default None): name used in error messages.
+        zero_small_on_free (bool | None, default None): zero freed blocks of at most 1 KiB, and have
+            ``check()`` report writes into them while they are held back (host only); None: hardened.
+            See ``ArenaConfig``.
 
     Every method is thread-safe. A call that raises leaves the arena exactly as it was.
 
@@ -203,10 +227,11 @@ class Arena:
 
     def __init__(self, capacity_bytes: int | str, device: str | torch.device = "cpu", pin_memory: bool = False,
                  hardened: bool = True, quarantine: int | None = None, canaries: bool | None = None,
-                 poison: bool = False, name: str | None = None) -> None:
+                 poison: bool = False, name: str | None = None, zero_small_on_free: bool | None = None) -> None:
         self._key = 0  # the C handle; kept after close() so late calls are reported as such
         self._closed = True
-        self.config = ArenaConfig(capacity_bytes, device, pin_memory, hardened, quarantine, canaries, poison, name)
+        self.config = ArenaConfig(capacity_bytes, device, pin_memory, hardened, quarantine, canaries, poison, name,
+                                  zero_small_on_free)
         cfg = self.config
         self.name: str = cfg.name
         self.device: torch.device = cfg.device
@@ -214,7 +239,8 @@ class Arena:
         self.buffer: torch.Tensor = torch.empty(cfg.capacity_bytes, dtype=torch.uint8, device=cfg.device,
                                                 pin_memory=cfg.pin_memory)
         host = cfg.device.type == "cpu"
-        flags = (_lib.F_CANARIES if cfg.canaries else 0) | (_lib.F_POISON if cfg.poison else 0)
+        flags = ((_lib.F_CANARIES if cfg.canaries else 0) | (_lib.F_POISON if cfg.poison else 0)
+                 | (_lib.F_ZERO_SMALL if cfg.zero_small_on_free else 0))
         handle = ctypes.c_uint64()
         seed = int.from_bytes(os.urandom(8), "little") or 1
         base = ctypes.c_void_p(self.buffer.data_ptr() if host else None)
@@ -262,12 +288,31 @@ class Arena:
         if nbytes >= 2**64 or alignment >= 2**64:
             raise InvalidRequest(f"arena {self.name!r}: alloc of {nbytes} bytes at alignment {alignment}: out of "
                                  "the 64-bit range")
-        offset, span, serial = ctypes.c_uint64(), ctypes.c_uint64(), ctypes.c_uint64()
+        offset, span, serial, check = ctypes.c_uint64(), ctypes.c_uint64(), ctypes.c_uint64(), ctypes.c_uint64()
         rc = self._lib.mo_alloc(self._key, nbytes, alignment, ctypes.byref(offset), ctypes.byref(span),
-                                ctypes.byref(serial))
+                                ctypes.byref(serial), ctypes.byref(check))
         if rc != _lib.OK:
             raise self._error(rc, f"alloc of {nbytes} bytes (alignment {alignment})")
-        return Block(offset.value, nbytes, span.value, self._key, serial.value)
+        return Block(offset.value, nbytes, span.value, self._key, serial.value, check.value)
+
+    def _handle(self, block: Block, what: str) -> tuple[int, int, int, int]:
+        """The four words the C library judges a block by; InvalidFree for a block that cannot be one."""
+        if not isinstance(block, Block):
+            raise InvalidFree(f"arena {self.name!r}: {what} of {block!r}: pass a Block returned by alloc()")
+        offset = block.offset
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 2**64:
+            raise InvalidFree(f"arena {self.name!r}: {what} of offset {offset!r}: not an offset this arena returned")
+        if block.arena_key and block.arena_key != self._key:
+            raise InvalidFree(f"arena {self.name!r}: {what} of offset {offset}: the block belongs to another arena")
+        # A block made by hand (no arena key) is judged by its offset and its size (0: unknown) alone; one from
+        # alloc() by all four words, none of which alloc() ever leaves 0.
+        words = (offset, block.nbytes, block.serial, block.check) if block.arena_key else (offset, block.nbytes, 0, 0)
+        lowest, why = (1, "the Block was altered") if block.arena_key else (0, "pass the size alloc() was given")
+        for name, value in zip(("size", "serial", "check"), words[1:]):
+            if isinstance(value, bool) or not isinstance(value, int) or not lowest <= value < 2**64:
+                raise InvalidFree(f"arena {self.name!r}: {what} of offset {offset}: its {name} {value!r} is not one "
+                                  f"this arena returned: {why}")
+        return words
 
     def free(self, block: Block) -> None:
         """Free a block.
@@ -276,22 +321,16 @@ class Arena:
             block (Block): a block this arena returned.
 
         Raises:
-            DoubleFree: the block was freed already.
-            InvalidFree: the block is not one of this arena's (unknown or interior offset, another
-                arena's block, or the arena is closed).
+            DoubleFree: the block was freed already (this very allocation: a stale copy of its Block).
+            InvalidFree: the block is not one of this arena's: an unknown or interior offset, a Block whose
+                offset, size or serial was altered, another arena's block, or the arena is closed.
             CorruptionError: the block's guard canary was overwritten (a buffer overflow); the block
                 stays allocated.
         """
-        if not isinstance(block, Block):
-            raise InvalidFree(f"arena {self.name!r}: free of {block!r}: pass a Block returned by alloc()")
-        offset = block.offset
-        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 2**64:
-            raise InvalidFree(f"arena {self.name!r}: free of offset {offset!r}: not an offset this arena returned")
-        if block.arena_key and block.arena_key != self._key:
-            raise InvalidFree(f"arena {self.name!r}: free of offset {offset}: the block belongs to another arena")
-        rc = self._lib.mo_free(self._key, offset, block.serial if block.arena_key else 0)
+        words = self._handle(block, "free")
+        rc = self._lib.mo_free(self._key, *words)
         if rc != _lib.OK:
-            raise self._error(rc, f"free of offset {offset}")
+            raise self._error(rc, f"free of offset {words[0]}")
 
     def tensor(self, block: Block, dtype: torch.dtype, shape: Sequence[int] | int) -> torch.Tensor:
         """A view of a live block's memory as a tensor (no copy, no allocation).
@@ -302,7 +341,7 @@ class Arena:
             shape (Sequence[int] | int): the view's shape; it must fit in ``block.nbytes``.
 
         Raises:
-            AllocatorError: the block is not live in this arena.
+            AllocatorError: the block is not live in this arena (freed, altered or another arena's).
             ValueError: the shape does not fit the block, or the offset is misaligned for ``dtype``.
         """
         shape = (shape,) if isinstance(shape, int) else tuple(int(s) for s in shape)
@@ -314,11 +353,12 @@ class Arena:
         if block.offset % itemsize:
             raise ValueError(f"arena {self.name!r}: block at offset {block.offset} is not aligned for {dtype} "
                              f"({itemsize} bytes); allocate it with alignment >= {itemsize}")
-        if block.arena_key and block.arena_key != self._key:
-            raise AllocatorError(f"arena {self.name!r}: block at offset {block.offset} belongs to another arena")
+        try:
+            words = self._handle(block, "tensor()")
+        except InvalidFree as exc:
+            raise AllocatorError(str(exc)) from None
         live_nbytes, span = ctypes.c_uint64(), ctypes.c_uint64()
-        rc = self._lib.mo_query(self._key, block.offset, block.serial if block.arena_key else 0,
-                                ctypes.byref(live_nbytes), ctypes.byref(span))
+        rc = self._lib.mo_query(self._key, *words, ctypes.byref(live_nbytes), ctypes.byref(span))
         if rc != _lib.OK:
             raise AllocatorError(f"arena {self.name!r}: tensor() of block at offset {block.offset}: "
                                  f"{'the arena is closed' if rc == _lib.E_BAD_HANDLE else _lib.last_error()}")

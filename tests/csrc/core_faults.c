@@ -55,12 +55,12 @@ static void out_of_host_memory(long fail) {
         mo_stats_t before, after;
         mo_arena_stats(a, &before);
         uint64_t nbytes = i < 200 ? 16u * (1u + (uint32_t)i % 64u) : 4096u * (1u + (uint32_t)i % 7u);
-        int rc = mo_arena_alloc(a, nbytes, 16, &off[n], &span, &serial[n]);
+        int rc = mo_arena_alloc(a, nbytes, 16, &off[n], &span, &serial[n], NULL);
         if (rc == MO_OK) {
             n++;
             if (i % 3 == 0) {
                 n--;
-                mo_arena_free(a, off[n], serial[n]);
+                mo_arena_free(a, (mo_handle){off[n], 0, serial[n], 0});
             }
             continue;
         }
@@ -71,7 +71,7 @@ static void out_of_host_memory(long fail) {
         fail_at = -1;
         EXPECT(mo_arena_check(a) == MO_OK, "fault %ld: check after the failed alloc %d: %s", fail, i, mo_last_error());
         /* The arena goes on working. */
-        EXPECT(mo_arena_alloc(a, nbytes, 16, &off[n], &span, &serial[n]) == MO_OK, "fault %ld: no recovery", fail);
+        EXPECT(mo_arena_alloc(a, nbytes, 16, &off[n], &span, &serial[n], NULL) == MO_OK, "fault %ld: no recovery", fail);
     }
     fail_at = -1;
     mo_core_delete(a);
@@ -80,7 +80,7 @@ static void out_of_host_memory(long fail) {
 static mo_arena *arena_with_slabs(uint32_t quarantine) {
     mo_arena *a = mo_core_new(1u << 20, NULL, quarantine, 0, 1);
     uint64_t off, span, serial;
-    for (int i = 0; i < 300; i++) mo_arena_alloc(a, 16u * (1u + (uint32_t)i % 3u), 16, &off, &span, &serial);
+    for (int i = 0; i < 300; i++) mo_arena_alloc(a, 16u * (1u + (uint32_t)i % 3u), 16, &off, &span, &serial, NULL);
     return a;
 }
 
@@ -97,8 +97,8 @@ static void corruption_is_reported(void) {
      * (no quarantine), 16 wait in the cache and the second slab empties and goes back. */
     a = mo_core_new(1u << 20, NULL, 0, 0, 1);
     uint64_t offs[70], serials[70];
-    for (int i = 0; i < 70; i++) mo_arena_alloc(a, 16, 16, &offs[i], &span, &serials[i]);
-    for (int i = 0; i < 70; i++) mo_arena_free(a, offs[i], serials[i]);
+    for (int i = 0; i < 70; i++) mo_arena_alloc(a, 16, 16, &offs[i], &span, &serials[i], NULL);
+    for (int i = 0; i < 70; i++) mo_arena_free(a, (mo_handle){offs[i], 16, serials[i], 0});
     EXPECT(a->slab_spare_count == 1 && mo_arena_check(a) == MO_OK, "setup: no slab was released");
     a->slab_spare[a->slab_spare_count++] = a->slab_spare[0];
     EXPECT(mo_arena_check(a) == MO_E_CORRUPTION, "a spare index listed twice passed");
@@ -114,9 +114,9 @@ static void corruption_is_reported(void) {
 
     /* A cached slot whose held bit was lost (it would read as live), and one freed to its slab. */
     a = mo_core_new(1u << 20, NULL, 0, 0, 1);
-    mo_arena_alloc(a, 40, 16, &off, &span, &serial);
-    mo_arena_alloc(a, 40, 16, &off2, &span, &serial2);
-    mo_arena_free(a, off, serial); /* no quarantine: straight to the slot cache */
+    mo_arena_alloc(a, 40, 16, &off, &span, &serial, NULL);
+    mo_arena_alloc(a, 40, 16, &off2, &span, &serial2, NULL);
+    mo_arena_free(a, (mo_handle){off, 40, serial, 0}); /* no quarantine: straight to the slot cache */
     mo_slab *s = a->slabs[0];
     EXPECT(a->cache_count[2] == 1 && mo_slot_held(s, 0), "setup: slot 0 is not cached");
     mo_slot_unhold(s, 0);

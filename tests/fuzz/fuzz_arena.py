@@ -1,8 +1,9 @@
 """Fuzz the arena's Python API against the reference model (atheris / libFuzzer).
 
-Each input is read as a program of operations (allocate, free a live block, free a stale, interior or
-invented offset, write past a block, check) on a small arena; the reference model checks every
-outcome and ``check()`` runs after every operation. Any mismatch or crash is a finding.
+Each input is read as a program of operations (allocate, free a live block, free a stale, interior,
+invented or forged handle, write past a block, write into a freed small block, check) on a small
+arena; the reference model checks every outcome and ``check()`` runs after every operation. Any
+mismatch or crash is a finding.
 
 Run (outside the default test suite):
     pip install atheris
@@ -14,6 +15,7 @@ tests/fuzz/fuzz_core.c fuzzes the C library directly with libFuzzer (build line 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import sys
@@ -51,8 +53,8 @@ def run_program(data: bytes) -> None:
     """Execute one fuzz input; raises on any disagreement with the reference model."""
     reader = _Reader(data)
     config = reader.byte() if data else 0
-    quarantine, canaries = config & 7, bool(config & 8)
-    arena = Arena(CAPACITY_BYTES, hardened=False, quarantine=quarantine, canaries=canaries)
+    quarantine, canaries, zeroing = config & 7, bool(config & 8), bool(config & 16)
+    arena = Arena(CAPACITY_BYTES, hardened=False, quarantine=quarantine, canaries=canaries, zero_small_on_free=zeroing)
     ref = ReferenceArena(CAPACITY_BYTES, quarantine, canaries)
     live: list[Block] = []
     freed: list[Block] = []
@@ -65,7 +67,7 @@ def run_program(data: bytes) -> None:
                 alignment = ALIGNMENTS[reader.byte() % len(ALIGNMENTS)]
                 try:
                     block = arena.alloc(nbytes, alignment=alignment)
-                    result = (block.offset, block.span_bytes, block.serial)
+                    result = (block.offset, block.span_bytes, block.serial, block.check)
                     live.append(block)
                 except AllocatorError as exc:
                     result = exc
@@ -83,21 +85,27 @@ def run_program(data: bytes) -> None:
                         raise AssertionError(f"free reported corruption nobody caused: {error}")
                     live.append(block)
                     return  # the model does not follow a corrupted arena further
-                ref.on_free(block.offset, block.serial, None)
+                ref.on_free(block, None)
             elif op == 5:
-                kind = reader.byte() % 3
+                kind = reader.byte() % 4
                 if kind == 0 and freed:
                     block = freed[reader.byte() % len(freed)]
-                    serial = block.serial
                 elif kind == 1 and live:
                     victim = live[reader.byte() % len(live)]
-                    block, serial = Block(victim.offset + 1 + reader.byte() % (victim.span_bytes - 1), 1), 0
+                    block = Block(victim.offset + 1 + reader.byte() % (victim.span_bytes - 1), 1)
+                elif kind == 2 and (live or freed):
+                    pool = live + freed
+                    source, other = pool[reader.byte() % len(pool)], pool[reader.byte() % len(pool)]
+                    name = ("offset", "nbytes", "serial", "check")[reader.byte() % 4]
+                    block = dataclasses.replace(source, **{name: getattr(other, name) ^ (reader.byte() % 3 * 16)})
+                    if ref.expected_free_error(block) is None:
+                        continue  # the exact handle of a live block: freeing it is legitimate
                 else:
                     offset = reader.u16() * 16
                     if ref.is_live(offset):
                         continue
-                    block, serial = Block(offset, 1), 0
-                ref.reject_free(arena, block, serial)
+                    block = Block(offset, 1)
+                ref.reject_free(arena, block)
             elif op == 6 and live and canaries:
                 # Overflow one byte past a block: the next check() or free must report it.
                 block = live[reader.byte() % len(live)]
@@ -108,6 +116,24 @@ def run_program(data: bytes) -> None:
                 except CorruptionError:
                     return
                 raise AssertionError(f"overflow past block at {block.offset} went unnoticed")
+            elif op == 7 and live and zeroing and quarantine:
+                # Free a small block and write into it while it waits in quarantine: check() must see it.
+                block = live.pop(reader.byte() % len(live))
+                if block.span_bytes > 1024:
+                    live.append(block)
+                    continue
+                arena.free(block)
+                ref.on_free(block, None)
+                freed_bytes = arena.buffer[block.offset:block.offset + block.span_bytes]
+                if freed_bytes.any():
+                    raise AssertionError(f"freed small block at {block.offset} kept nonzero bytes")
+                index = block.offset + reader.byte() % block.span_bytes
+                arena.buffer[index] = 0xA5
+                try:
+                    arena.check()
+                except CorruptionError:
+                    return
+                raise AssertionError(f"write after free at {index} went unnoticed")
             ref.compare_stats(arena.stats(), largest_free=True)
             arena.check()
     except EOFError:

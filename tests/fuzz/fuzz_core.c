@@ -2,9 +2,11 @@
  * libFuzzer harness for memopt's C allocator, with coverage of the C code itself.
  *
  * Each input is a program: a configuration byte, then operations (allocate, free a live block, free
- * a stale, interior or invented offset, overflow a block's guard bytes, write to a freed block). A
- * shadow table of live blocks checks that no two overlap and that every block's bytes are its own;
- * mo_check must pass after every operation that corrupted nothing, and must fail after one that did.
+ * a stale handle, an interior or invented offset, or a handle with one word altered, overflow a block's
+ * guard bytes, write to a freed block). A shadow table of live blocks checks that no two overlap and
+ * that every block's bytes are its own; a stale handle must be a double free and an altered one an
+ * invalid free, neither changing a counter; mo_check must pass after every operation that corrupted
+ * nothing, and must fail after one that did.
  *
  * Build and run (clang):
  *   clang -g -O1 -fsanitize=fuzzer,address,undefined -Imemopt/csrc tests/fuzz/fuzz_core.c \
@@ -24,7 +26,7 @@
 #define MAX_LIVE 512
 
 typedef struct {
-    uint64_t offset, nbytes, span, serial;
+    uint64_t offset, nbytes, span, serial, check;
     uint8_t fill;
 } live_block;
 
@@ -54,23 +56,24 @@ static void verify_block(const uint8_t *memory, const live_block *b) {
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     static uint8_t memory[CAPACITY];
     static live_block live[MAX_LIVE];
-    static uint64_t stale[64][2];
+    static live_block stale[64];
     reader r = {data, size, 0};
     uint8_t config = 0, op, a, b;
     if (!next_byte(&r, &config)) return 0;
-    uint32_t flags = (config & 1 ? MO_F_CANARIES : 0) | (config & 2 ? MO_F_POISON : 0);
+    uint32_t flags = (config & 1 ? MO_F_CANARIES : 0) | (config & 2 ? MO_F_POISON : 0) | (config & 32 ? MO_F_ZERO_SMALL : 0);
+    uint32_t quarantine = (config >> 2) & 7;
     uint64_t handle;
-    if (mo_arena_create(CAPACITY, memory, (config >> 2) & 7, flags, 42, &handle) != MO_OK) FAIL("create failed");
+    if (mo_arena_create(CAPACITY, memory, quarantine, flags, 42, &handle) != MO_OK) FAIL("create failed");
     size_t n_live = 0, n_stale = 0;
     int corrupted = 0;
     while (!corrupted && next_byte(&r, &op) && next_byte(&r, &a) && next_byte(&r, &b)) {
-        switch (op % 6) {
+        switch (op % 8) {
         case 0:
         case 1: { /* allocate */
-            uint64_t nbytes = op % 6 == 0 ? (uint64_t)(a | b << 8) : (uint64_t)(a % 64);
+            uint64_t nbytes = op % 8 == 0 ? (uint64_t)(a | b << 8) : (uint64_t)(a % 64);
             uint64_t alignment = (uint64_t)1 << (b % 14);
-            uint64_t offset, span, serial;
-            int rc = mo_alloc(handle, nbytes, alignment, &offset, &span, &serial);
+            uint64_t offset, span, serial, check;
+            int rc = mo_alloc(handle, nbytes, alignment, &offset, &span, &serial, &check);
             if (rc == MO_OK) {
                 if (nbytes == 0 || n_live == MAX_LIVE) FAIL("alloc of %llu succeeded", (unsigned long long)nbytes);
                 if (offset % (alignment < 16 ? 16 : alignment) || offset + span > CAPACITY || span < nbytes)
@@ -79,14 +82,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                     if (offset < live[i].offset + live[i].span && live[i].offset < offset + span)
                         FAIL("block [%llu, +%llu) overlaps a live one", (unsigned long long)offset, (unsigned long long)span);
                 live_block *lb = &live[n_live++];
-                *lb = (live_block){offset, nbytes, span, serial, (uint8_t)(a ^ b ^ 0x5A)};
+                *lb = (live_block){offset, nbytes, span, serial, check, (uint8_t)(a ^ b ^ 0x5A)};
                 memset(memory + offset, lb->fill, nbytes);
             } else if (nbytes != 0 && rc != MO_E_EXHAUSTED) {
                 FAIL("alloc of %llu failed with %d", (unsigned long long)nbytes, rc);
             }
             if (n_live == MAX_LIVE) { /* keep room: free the oldest */
                 verify_block(memory, &live[0]);
-                if (mo_free(handle, live[0].offset, live[0].serial) != MO_OK) FAIL("free of a live block failed");
+                if (mo_free(handle, live[0].offset, live[0].nbytes, live[0].serial, live[0].check) != MO_OK)
+                    FAIL("free of a live block failed");
                 live[0] = live[--n_live];
             }
             break;
@@ -96,47 +100,73 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             if (n_live) {
                 size_t i = a % n_live;
                 verify_block(memory, &live[i]);
-                if (mo_free(handle, live[i].offset, live[i].serial) != MO_OK) FAIL("free of a live block failed");
-                stale[n_stale % 64][0] = live[i].offset;
-                stale[n_stale % 64][1] = live[i].serial;
-                n_stale++;
+                if (mo_free(handle, live[i].offset, live[i].nbytes, live[i].serial, live[i].check) != MO_OK)
+                    FAIL("free of a live block failed");
+                stale[n_stale++ % 64] = live[i];
                 live[i] = live[--n_live];
             }
             break;
-        case 4: { /* a bad free: stale handle, interior offset or an invented one */
-            uint64_t offset = (uint64_t)(a | b << 8), serial = 0;
-            int expect_ok = 0;
-            if (a % 3 == 0 && n_stale) {
-                size_t k = b % (n_stale < 64 ? n_stale : 64);
-                offset = stale[k][0];
-                serial = stale[k][1];
+        case 4:
+        case 6: { /* a bad free: stale handle, interior or invented offset (4); a handle with one word altered (6) */
+            live_block h = {(uint64_t)(a | b << 8), 0, 0, 0, 0, 0};
+            int expect = -1; /* -1: a double or an invalid free, whichever the offset calls for */
+            if (op % 8 == 6 && (n_live || n_stale)) {
+                size_t pick = (size_t)b % (n_live + (n_stale < 64 ? n_stale : 64));
+                h = pick < n_live ? live[pick] : stale[pick - n_live];
+                switch (a % 4) {
+                case 0: h.offset += 16u * (1u + b % 8u); break;
+                case 1: h.nbytes += 1u + b % 3u; break;
+                case 2: h.serial ^= (uint64_t)(1u + b % 4u) << (a & 4 ? 32 : 0); break;
+                default: h.check ^= 2u; break;
+                }
+                expect = MO_E_INVALID_FREE;
+            } else if (a % 3 == 0 && n_stale) {
+                h = stale[b % (n_stale < 64 ? n_stale : 64)];
+                expect = MO_E_DOUBLE_FREE;
             } else if (a % 3 == 1 && n_live) {
                 live_block *lb = &live[b % n_live];
-                offset = lb->offset + 1 + a % (lb->span - 1);
+                h.offset = lb->offset + 1 + a % (lb->span - 1);
+                expect = MO_E_INVALID_FREE;
             } else {
-                for (size_t i = 0; i < n_live; i++) expect_ok |= live[i].offset == offset;
+                for (size_t i = 0; i < n_live; i++) expect = live[i].offset == h.offset ? MO_OK : expect;
             }
             mo_stats_t before, after;
             mo_stats(handle, &before);
-            int rc = mo_free(handle, offset, serial);
-            if (expect_ok) {
-                if (rc != MO_OK) FAIL("free of live offset %llu failed", (unsigned long long)offset);
+            int rc = mo_free(handle, h.offset, h.nbytes, h.serial, h.check);
+            if (expect == MO_OK) {
+                if (rc != MO_OK) FAIL("free of live offset %llu failed", (unsigned long long)h.offset);
                 for (size_t i = 0; i < n_live; i++)
-                    if (live[i].offset == offset) { live[i] = live[--n_live]; break; }
+                    if (live[i].offset == h.offset) { live[i] = live[--n_live]; break; }
                 break;
             }
-            if (rc != MO_E_DOUBLE_FREE && rc != MO_E_INVALID_FREE) FAIL("bad free of %llu returned %d", (unsigned long long)offset, rc);
+            if (expect >= 0 ? rc != expect : rc != MO_E_DOUBLE_FREE && rc != MO_E_INVALID_FREE)
+                FAIL("bad free of %llu (%llu bytes, serial %#llx, check %#llx) returned %d, expected %d", (unsigned long long)h.offset,
+                     (unsigned long long)h.nbytes, (unsigned long long)h.serial, (unsigned long long)h.check, rc, expect);
             mo_stats(handle, &after);
             if (memcmp(&before, &after, sizeof(before))) FAIL("a rejected free changed the counters");
             break;
         }
+        case 7: /* free a small block, then write into it while it waits in quarantine (zeroing must see it) */
+            if ((flags & MO_F_ZERO_SMALL) && quarantine && n_live) {
+                size_t i = a % n_live;
+                if (live[i].span > MO_SMALL_MAX_SPAN_BYTES) break;
+                if (mo_free(handle, live[i].offset, live[i].nbytes, live[i].serial, live[i].check) != MO_OK)
+                    FAIL("free of a live block failed");
+                for (uint64_t k = 0; k < live[i].span; k++)
+                    if (memory[live[i].offset + k] != ((flags & MO_F_POISON) ? memory[live[i].offset] : 0))
+                        FAIL("freed small block at %llu was not filled", (unsigned long long)live[i].offset);
+                memory[live[i].offset + b % live[i].span] ^= 0xFF;
+                live[i] = live[--n_live];
+                corrupted = 1;
+            }
+            break;
         case 5: /* corrupt: one byte past a block (canaries) or into freed memory (poison) */
             if ((flags & MO_F_CANARIES) && n_live && (a & 1)) {
                 live_block *lb = &live[b % n_live];
                 memory[lb->offset + lb->nbytes] ^= 0xFF;
                 corrupted = 1;
             } else if ((flags & MO_F_POISON) && n_stale && !(a & 1)) {
-                uint64_t offset = stale[(n_stale - 1) % 64][0];
+                uint64_t offset = stale[(n_stale - 1) % 64].offset;
                 int reused = 0;
                 for (size_t i = 0; i < n_live; i++)
                     reused |= offset >= live[i].offset && offset < live[i].offset + live[i].span;
@@ -152,8 +182,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     }
     if (mo_arena_destroy(handle) != MO_OK) FAIL("destroy failed");
     uint64_t offset, span, serial;
-    if (mo_alloc(handle, 16, 16, &offset, &span, &serial) != MO_E_BAD_HANDLE) FAIL("a destroyed arena allocated");
-    if (mo_free(handle, 0, 0) != MO_E_BAD_HANDLE) FAIL("a destroyed arena freed");
+    if (mo_alloc(handle, 16, 16, &offset, &span, &serial, NULL) != MO_E_BAD_HANDLE) FAIL("a destroyed arena allocated");
+    if (mo_free(handle, 0, 0, 0, 0) != MO_E_BAD_HANDLE) FAIL("a destroyed arena freed");
     return 0;
 }
 
