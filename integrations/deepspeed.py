@@ -11,7 +11,8 @@ the model states by the data-parallel world size as the ZeRO stage shards them (
 stage 2: and gradients, stage 3: and parameters, plus the parameters it keeps gathered: the whole model
 within ``stage3_max_reuse_distance`` parameters, else its two largest blocks), plans under the budget and
 applies the plan; the handle is ``engine.memopt_handle``. The ``"memopt"`` section takes ``budget`` and
-any ``MemoptConfig`` field.
+any ``MemoptConfig`` field. DeepSpeed's own activation checkpointing beside it is refused (see
+``_check_no_deepspeed_checkpointing``): one planner decides what is recomputed and swapped.
 
 Under ZeRO-3 a parameter's data comes and goes (gathered before its module runs, released after):
 memopt keeps every saved parameter (or view of one) as it is, and a recompute runs inside backward with
@@ -90,7 +91,9 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
         ``engine.memopt_handle`` is the applied plan (None without a ``"memopt"`` section).
 
     Raises:
-        ValueError: a bad ``"memopt"`` section, or no sample and no training data.
+        ValueError: a bad ``"memopt"`` section, DeepSpeed's own activation checkpointing configured beside it
+            (an ``"activation_checkpointing"`` section with settings other than its defaults, or
+            ``deepspeed.checkpointing.configure`` called), or no sample and no training data.
         memopt.BudgetError: the budget is below the smallest feasible one.
     """
     if model is None:
@@ -99,6 +102,7 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
     section = ds_config.pop("memopt", None)
     handle = None
     if section is not None:
+        _check_no_deepspeed_checkpointing(ds_config)
         handle = _apply(model, section, ds_config, sample, training_data, collate_fn)
     try:
         out = deepspeed.initialize(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
@@ -110,6 +114,42 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
         raise
     out[0].memopt_handle = handle
     return out
+
+
+# DeepSpeed's "activation_checkpointing" defaults: a section that only restates them changes nothing.
+_DS_CHECKPOINTING_DEFAULTS = {"partition_activations": False, "contiguous_memory_optimization": False,
+                              "cpu_checkpointing": False, "number_checkpoints": None,
+                              "synchronize_checkpoint_boundary": False, "profile": False}
+
+
+def _check_no_deepspeed_checkpointing(ds_config: dict) -> None:
+    """Refuse DeepSpeed's activation checkpointing settings beside a "memopt" section.
+
+    The section acts only through ``deepspeed.checkpointing`` calls in the model's code. If the model makes
+    them, DeepSpeed partitions, offloads or recomputes activations under memopt's plan, which was profiled and
+    solved without knowing it; if it does not, the settings do nothing while the user believes they are on.
+    Either way the config says two different things, and a warning scrolls past in a multi-rank log, so this
+    raises: the fix is one deleted section. A section empty or at DeepSpeed's defaults (as config templates
+    carry it) is accepted, since deleting it would change nothing, unless the model's code has configured
+    ``deepspeed.checkpointing``, which says it does make those calls.
+    """
+    if deepspeed.checkpointing.is_configured():
+        raise ValueError(
+            "deepspeed.checkpointing.configure() was called, so the model uses DeepSpeed's activation checkpointing, "
+            "and the DeepSpeed config has a \"memopt\" section: both would decide what the step recomputes or "
+            "offloads. Remove the model's deepspeed.checkpointing calls (and DeepSpeed's \"activation_checkpointing\" "
+            "section) to let memopt plan recompute and swap, or remove the \"memopt\" section")
+    section = ds_config.get("activation_checkpointing")
+    if section is None:
+        return
+    changed = ({k: v for k, v in section.items() if _DS_CHECKPOINTING_DEFAULTS.get(k, object()) != v}
+               if isinstance(section, dict) else section)
+    if changed:
+        raise ValueError(
+            f"the DeepSpeed config has both an \"activation_checkpointing\" section ({changed!r}) and a \"memopt\" "
+            "section: both decide what the step recomputes or offloads. Remove DeepSpeed's "
+            "\"activation_checkpointing\" section (and its deepspeed.checkpointing calls) to let memopt plan "
+            "recompute and swap, or remove the \"memopt\" section to keep DeepSpeed's checkpointing")
 
 
 def _load(config: str | dict | None) -> dict:

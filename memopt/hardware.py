@@ -25,6 +25,9 @@ class Hardware:
         mem_bytes_per_s (float): device memory bandwidth, bytes/s.
         async_copies (bool, default True): copies to and from the host overlap compute (CUDA side
             streams). False on CPU, where a swap is a synchronous memcpy.
+        unified_memory (bool, default False): the host memory is the device memory (a CPU, Apple MPS), so a
+            swapped byte still takes device memory: the planner never swaps there, and the simulator counts
+            a swapped tensor's copy where the tensor was.
     """
 
     name: str
@@ -35,11 +38,12 @@ class Hardware:
     peak_flops_per_s: float
     mem_bytes_per_s: float
     async_copies: bool = True
+    unified_memory: bool = False
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name not in ("name", "async_copies") and not (isinstance(value, (int, float)) and value > 0):
+            if field.name not in ("name", "async_copies", "unified_memory") and not (isinstance(value, (int, float)) and value > 0):
                 raise ValueError(f"Hardware.{field.name} must be a positive number, got {value!r}")
 
     @classmethod
@@ -115,13 +119,17 @@ class Hardware:
         side = 2048 if dev.type == "cuda" else 256
         a = torch.randn(side, side, device=dev, dtype=dtype)
         flops = rate(lambda: a @ a, 2 * side**3)
-        return cls(name, device_bytes, host_bytes // 2, h2d, d2h, flops, mem, async_copies=dev.type == "cuda")
+        return cls(name, device_bytes, host_bytes // 2, h2d, d2h, flops, mem, async_copies=dev.type == "cuda",
+                   unified_memory=dev.type in ("cpu", "mps"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> Hardware:
+        data = dict(data)
+        # Files written before the field existed: only a host-memory "device" lacked asynchronous copies.
+        data.setdefault("unified_memory", not data.get("async_copies", True))
         return cls(**data)
 
 
@@ -147,5 +155,5 @@ _PRESETS = {
     "a100-40g": Hardware("a100-40g", 40 * _GiB, 256 * _GiB, 24e9, 24e9, 280e12, 1.4e12),
     "l4": Hardware("l4", 24 * _GiB, 128 * _GiB, 12e9, 12e9, 110e12, 0.27e12),
     "rtx4090": Hardware("rtx4090", 24 * _GiB, 64 * _GiB, 22e9, 22e9, 150e12, 0.9e12),
-    "cpu": Hardware("cpu", 16 * _GiB, 16 * _GiB, 10e9, 10e9, 0.2e12, 20e9, async_copies=False),
+    "cpu": Hardware("cpu", 16 * _GiB, 16 * _GiB, 10e9, 10e9, 0.2e12, 20e9, async_copies=False, unified_memory=True),
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["format_bytes", "parse_bytes"]
+__all__ = ["format_budget", "format_bytes", "parse_budget", "parse_bytes"]
 
 _SUFFIX = {
     "": 1, "b": 1,
@@ -48,6 +48,42 @@ def parse_bytes(value: int | str, *, what: str = "size") -> int:
     return n
 
 
+def parse_budget(value: int | float | str, *, what: str = "budget") -> int | float:
+    """A budget as users write it: bytes (an int, a whole float such as JSON's ``12e9``, or ``"12GiB"``), or a
+    fraction of the activation peak (a float in (0, 1], or a string such as ``"0.5"`` from a command line or
+    a JSON config).
+
+    Args:
+        value (int | float | str): the budget.
+        what (str, default "budget"): the name used in error messages.
+
+    Returns:
+        int | float: bytes as an int, or a fraction as a float.
+
+    Raises:
+        ValueError: neither a positive byte count nor a fraction in (0, 1].
+
+    Example:
+        >>> parse_budget("0.5"), parse_budget(12e9), parse_budget("1GiB")
+        (0.5, 12000000000, 1073741824)
+    """
+    if isinstance(value, str):
+        m = _PATTERN.match(value)
+        if m is not None and not m.group(2) and any(c in m.group(1) for c in ".eE"):
+            value = float(m.group(1))
+    if isinstance(value, float):
+        if not value > 0 or value != value or value == float("inf"):
+            raise ValueError(f"{what} must be positive, got {value!r}; pass a fraction of the activation peak such "
+                             "as 0.5, or bytes such as '12GiB'")
+        if value <= 1.0:
+            return value
+        if value.is_integer():
+            return int(value)
+        raise ValueError(f"{what} {value!r} is neither a fraction in (0, 1] nor a whole number of bytes; pass e.g. "
+                         "0.5 (of the activation peak) or '12GiB'")
+    return parse_bytes(value, what=what)
+
+
 def format_bytes(n: float) -> str:
     """Render bytes with a binary suffix, e.g. ``format_bytes(1536) == '1.50 KiB'``."""
     sign = "-" if n < 0 else ""
@@ -57,3 +93,26 @@ def format_bytes(n: float) -> str:
             return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.2f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+_BUDGET_UNITS = (("B", 1), ("KiB", 1 << 10), ("MiB", 1 << 20), ("GiB", 1 << 30), ("TiB", 1 << 40))
+
+
+def format_budget(n_bytes: int) -> str:
+    """``n_bytes`` as a budget string that parses back to at least ``n_bytes``, e.g. ``'58.53GiB'``.
+
+    Rounds up to two decimals in the unit ``format_bytes`` would pick and has no space, so the text works as
+    written as a Python budget, in a DeepSpeed config and on the command line.
+
+    Example:
+        >>> format_budget(1536), format_budget(1537), format_budget(1000)
+        ('1.50KiB', '1.51KiB', '1000B')
+    """
+    name, size = next(((n, s) for n, s in reversed(_BUDGET_UNITS) if n_bytes >= s), _BUDGET_UNITS[0])
+    if size == 1:
+        return f"{n_bytes}B"
+    hundredths = -(-n_bytes * 100 // size)
+    # parse_bytes reads the decimal through a float: step up where that lands a byte below n_bytes.
+    while parse_bytes(text := f"{hundredths // 100}.{hundredths % 100:02d}{name}") < n_bytes:
+        hundredths += 1
+    return text

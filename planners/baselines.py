@@ -86,7 +86,7 @@ def baseline_plan(graph: TrainingGraph, name: str, budget_bytes: int | None = No
                 predicted_peak_bytes=result.peak_bytes, predicted_step_s=result.step_s,
                 baseline_step_s=keep_all.step_s, baseline_peak_bytes=keep_all.peak_bytes,
                 host_bytes=result.host_peak_bytes, solver=name, status="heuristic" if fits else "infeasible",
-                gap=0.0, solve_time_s=0.0, graph_meta=dict(graph.meta))
+                gap=0.0, solve_time_s=0.0, graph_meta={**graph.meta, "resident_bytes": graph.resident_bytes})
     plan.layout = layout_for_plan(graph, plan, lookahead=lookahead)
     plan.solve_time_s = time.perf_counter() - started
     return plan

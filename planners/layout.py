@@ -22,6 +22,7 @@ import numpy as np
 
 from memopt.graph import Plan, TrainingGraph
 
+from ._cbc import cbc_solver
 from .simulator import unit_amounts
 
 __all__ = ["Layout", "layout_for_plan", "lower_bound_bytes", "plan_layout", "plan_layout_blocks", "plan_tensors"]
@@ -128,8 +129,8 @@ def _exact_offsets(tensors: Sequence[Tensor], upper_bytes: int, warm: Sequence[i
     n = len(tensors)
     scale = float(max(upper_bytes, 1))
     prob = pulp.LpProblem("memopt_layout", pulp.LpMinimize)
-    arena = pulp.LpVariable("arena", 0)
-    offs = [pulp.LpVariable(f"offset_{i}", 0, upper_bytes / scale) for i in range(n)]
+    arena = prob.add_variable("arena", 0)
+    offs = [prob.add_variable(f"offset_{i}", 0, upper_bytes / scale) for i in range(n)]
     prob += arena
     for i, (b, _, _) in enumerate(tensors):
         prob += offs[i] + b / scale <= arena
@@ -137,14 +138,14 @@ def _exact_offsets(tensors: Sequence[Tensor], upper_bytes: int, warm: Sequence[i
         for j in range(i + 1, n):
             (bi, si, ei), (bj, sj, ej) = tensors[i], tensors[j]
             if bi and bj and si < ej and sj < ei:
-                below = pulp.LpVariable(f"below_{i}_{j}", cat="Binary")  # 1: i sits below j
+                below = prob.add_variable(f"below_{i}_{j}", cat="Binary")  # 1: i sits below j
                 big = upper_bytes / scale + max(bi, bj) / scale
                 prob += offs[i] + bi / scale <= offs[j] + big * (1 - below)
                 prob += offs[j] + bj / scale <= offs[i] + big * below
                 below.setInitialValue(1.0 if warm[i] < warm[j] else 0.0)
     for var, value in zip(offs, warm):
         var.setInitialValue(value / scale)
-    prob.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=0.0, warmStart=True))
+    prob.solve(cbc_solver(time_limit_s=time_limit_s, gap_rel=0.0, warm_start=True))
     if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
         return None
     return [int(round((v.varValue or 0.0) * scale)) for v in offs]

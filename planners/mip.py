@@ -9,7 +9,9 @@ streams, so minimising the final end time gives the earliest-start schedule, i.e
 A tiny second term prefers keeping over swapping or recomputing that costs no time.
 
 The solution is realised, re-simulated (the returned figures are the simulator's), repaired if the
-solver's tolerances left it a few bytes over, and never slower than a baseline that fits.
+solver's tolerances left it a few bytes over, never slower than a baseline that fits, and polished by
+single moves the simulator finds faster (``_polish``), so that the solver's freedom within its gap does not
+show as a different plan for near-equal inputs.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from memopt.errors import BudgetError, MemoptError
+from memopt.errors import MemoptError
 from memopt.graph import Decision, Plan, TrainingGraph
 from memopt.units import format_bytes
 
+from ._cbc import cbc_solver
 from ._choices import UnitChoices
+from ._infeasible import budget_error
+from ._polish import polish
 from ._repair import repair
 from .baselines import BASELINES, baseline_decisions
 from .layout import layout_for_plan
@@ -70,7 +75,9 @@ class _Options:
             raise ValueError("allow_swap and allow_recompute are both False; nothing could save memory")
 
     def choices(self, graph: TrainingGraph) -> list[UnitChoices]:
-        return [UnitChoices(u, self.row_multiple, self.allow_swap, self.allow_recompute) for u in graph.units]
+        # Where host memory is the device memory (a CPU), a swap frees nothing and costs a copy: never offered.
+        swap = self.allow_swap and not graph.hardware.unified_memory
+        return [UnitChoices(u, self.row_multiple, swap, self.allow_recompute) for u in graph.units]
 
 
 @dataclass
@@ -111,9 +118,9 @@ def _unit_terms(prob: Any, u: int, choice: UnitChoices, mem_scale: float) -> _Un
         # Token-wise: integer row steps kept and recomputed, the rest swapped; ``full`` marks a unit
         # recomputed whole, whose intermediates the forward frees at once.
         n_steps = choice.n_steps
-        keep = pulp.LpVariable(f"keep_steps_{u}", 0, n_steps, cat="Integer")
-        rec = pulp.LpVariable(f"recompute_steps_{u}", 0, n_steps if choice.allow_recompute else 0, cat="Integer")
-        full = pulp.LpVariable(f"full_recompute_{u}", 0, 1 if choice.allow_recompute else 0, cat="Integer")
+        keep = prob.add_variable(f"keep_steps_{u}", 0, n_steps, cat="Integer")
+        rec = prob.add_variable(f"recompute_steps_{u}", 0, n_steps if choice.allow_recompute else 0, cat="Integer")
+        full = prob.add_variable(f"full_recompute_{u}", 0, 1 if choice.allow_recompute else 0, cat="Integer")
         if choice.allow_swap:
             prob += keep + rec <= n_steps, f"rows_{u}"
         else:
@@ -123,8 +130,8 @@ def _unit_terms(prob: Any, u: int, choice: UnitChoices, mem_scale: float) -> _Un
 
         # ``split`` is 1 when at least two of kept, swapped and recomputed rows are non-empty: backward then
         # rebuilds each tensor from its parts, and one tensor's parts and whole coexist.
-        has = [pulp.LpVariable(f"has_{part}_{u}", 0, 1, cat="Binary") for part in ("keep", "swap", "rec")]
-        split = pulp.LpVariable(f"split_{u}", 0, 1)
+        has = [prob.add_variable(f"has_{part}_{u}", 0, 1, cat="Binary") for part in ("keep", "swap", "rec")]
+        split = prob.add_variable(f"split_{u}", 0, 1)
         prob += keep <= n_steps * has[0], f"has_keep_{u}"
         prob += n_steps - keep - rec <= n_steps * has[1], f"has_swap_{u}"
         prob += rec <= n_steps * has[2], f"has_rec_{u}"
@@ -154,7 +161,7 @@ def _unit_terms(prob: Any, u: int, choice: UnitChoices, mem_scale: float) -> _Un
         kept = unit.selective_bytes / mem_scale
         share = min(1.0, unit.selective_s / unit.forward_s) if unit.forward_s > 0 else 0.0
         options.append((kept + inp, 0.0, checkpoint + kept, share, choice.selective, 1.0))
-    picks = [pulp.LpVariable(f"option_{u}_{j}", 0, 1, cat="Binary") for j in range(len(options))]
+    picks = [prob.add_variable(f"option_{u}_{j}", 0, 1, cat="Binary") for j in range(len(options))]
     prob += pulp.lpSum(picks) == 1, f"one_option_{u}"
 
     def decode_option() -> Decision:
@@ -188,7 +195,7 @@ def _add_memory(prob: Any, graph: TrainingGraph, terms: list[_UnitTerms], cap: A
     # held_before[u] = bytes held by the units before u; one variable each keeps the program linear in size.
     held_before: list[Any] = [0.0]
     for u in range(n):
-        var = pulp.LpVariable(f"held_before_{u + 1}", 0)
+        var = prob.add_variable(f"held_before_{u + 1}", 0)
         prob += var == held_before[u] + terms[u].held, f"held_prefix_{u}"
         held_before.append(var)
     # Tensors passed to several units: held through the forward, and after it once any unit drops its
@@ -196,7 +203,7 @@ def _add_memory(prob: Any, graph: TrainingGraph, terms: list[_UnitTerms], cap: A
     shared = graph.shared_input_bytes / mem_scale
     shared_after: Any = 0.0
     if shared:
-        holds = pulp.LpVariable("holds_shared", 0, 1)
+        holds = prob.add_variable("holds_shared", 0, 1)
         for u, t in enumerate(terms):
             if not isinstance(t.drops, (int, float)):
                 prob += holds >= t.drops, f"holds_shared_{u}"
@@ -236,18 +243,18 @@ def _add_time(prob: Any, graph: TrainingGraph, terms: list[_UnitTerms], mem_scal
     head = (graph.other_forward_s + graph.other_backward_s) / time_scale
     d2h = mem_scale / hw.d2h_bytes_per_s / time_scale  # scaled seconds per scaled byte
     h2d = mem_scale / hw.h2d_bytes_per_s / time_scale
-    step = pulp.LpVariable("step", 0)
+    step = prob.add_variable("step", 0)
     if not hw.async_copies:
         # Synchronous copies add to compute; nothing overlaps.
         prob += step >= (sum(fwd) + head + sum(bwd) + (d2h + h2d) * pulp.lpSum(swapped)
                          + pulp.lpSum(r * f for r, f in zip(recompute, fwd))), "t_step"
         return step
     # Every event >= each predecessor's end: minimising the last end gives the earliest-start schedule.
-    fe = [pulp.LpVariable(f"forward_end_{u}", 0) for u in range(n)]
-    de = [pulp.LpVariable(f"d2h_end_{u}", 0) for u in range(n)]
-    he = [pulp.LpVariable(f"h2d_end_{u}", 0) for u in range(n)]
-    bs = [pulp.LpVariable(f"backward_start_{u}", 0) for u in range(n)]
-    head_start = pulp.LpVariable("head_start", 0)
+    fe = [prob.add_variable(f"forward_end_{u}", 0) for u in range(n)]
+    de = [prob.add_variable(f"d2h_end_{u}", 0) for u in range(n)]
+    he = [prob.add_variable(f"h2d_end_{u}", 0) for u in range(n)]
+    bs = [prob.add_variable(f"backward_start_{u}", 0) for u in range(n)]
+    head_start = prob.add_variable("head_start", 0)
     for u in range(n):
         prob += fe[u] >= (fe[u - 1] if u else 0.0) + fwd[u], f"t_fwd_{u}"
         if u:
@@ -282,7 +289,7 @@ def _run_mip(graph: TrainingGraph, opts: _Options, *, budget_bytes: int | None,
     time_scale = max(keep_all.step_s, 1e-12)
     prob = pulp.LpProblem("memopt_plan", pulp.LpMinimize)
     terms = [_unit_terms(prob, u, choice, mem_scale) for u, choice in enumerate(opts.choices(graph))]
-    cap: Any = pulp.LpVariable("peak", 0) if budget_bytes is None else budget_bytes / mem_scale
+    cap: Any = prob.add_variable("peak", 0) if budget_bytes is None else budget_bytes / mem_scale
     if not _add_memory(prob, graph, terms, cap, mem_scale, opts.lookahead):
         return _Outcome(None, "infeasible", math.inf)
     prob += pulp.lpSum(t.swapped for t in terms) <= opts.host_budget_bytes / mem_scale, "host"
@@ -297,9 +304,8 @@ def _run_mip(graph: TrainingGraph, opts: _Options, *, budget_bytes: int | None,
     handle, log_path = tempfile.mkstemp(prefix="memopt_cbc_", suffix=".log")
     os.close(handle)
     try:
-        solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=opts.time_limit_s,
-                                   gapRel=opts.mip_gap if mip_gap is None else mip_gap,
-                                   logPath=log_path)
+        solver = cbc_solver(time_limit_s=opts.time_limit_s, gap_rel=opts.mip_gap if mip_gap is None else mip_gap,
+                            log_path=log_path)
         try:
             prob.solve(solver)
         except pulp.PulpSolverError:
@@ -443,13 +449,21 @@ def solve(graph: TrainingGraph, budget_bytes: int, *, host_budget_bytes: int | N
     keep_all = baseline_decisions(graph, "none", row_multiple=row_multiple)
     baseline = simulate(graph, keep_all, lookahead=lookahead)
 
+    def lowest_peak(switches: _Options) -> SimResult:
+        return _min_peak(graph, switches)[1]
+
     def plan(decisions: list[Decision], result: SimResult, status: str, gap: float) -> Plan:
+        polished = polish(graph, decisions, opts.choices(graph), budget_bytes=budget_bytes,
+                          host_budget_bytes=opts.host_budget_bytes, lookahead=lookahead,
+                          time_limit_s=min(2.0, 0.25 * opts.time_limit_s))
+        if polished != decisions:
+            decisions, result = polished, simulate(graph, polished, lookahead=lookahead)
         out = Plan(decisions=decisions, budget_bytes=budget_bytes,
                     budget_spec=budget_bytes if budget_spec is None else budget_spec,
                     predicted_peak_bytes=result.peak_bytes, predicted_step_s=result.step_s,
                     baseline_step_s=baseline.step_s, baseline_peak_bytes=baseline.peak_bytes,
                     host_bytes=result.host_peak_bytes, solver="mip", status=status, gap=gap,
-                    solve_time_s=0.0, graph_meta=dict(graph.meta))
+                    solve_time_s=0.0, graph_meta={**graph.meta, "resident_bytes": graph.resident_bytes})
         out.layout = layout_for_plan(graph, out, lookahead=lookahead)
         out.solve_time_s = time.perf_counter() - started
         return out
@@ -461,10 +475,7 @@ def solve(graph: TrainingGraph, budget_bytes: int, *, host_budget_bytes: int | N
         minimum, _ = min_feasible_bytes(graph, host_budget_bytes=opts.host_budget_bytes, row_multiple=row_multiple,
                                         allow_swap=allow_swap, allow_recompute=allow_recompute, lookahead=lookahead,
                                         time_limit_s=time_limit_s)
-        gathered = (f" and {format_bytes(graph.gathered_param_bytes)} of gathered ZeRO-3 parameters"
-                    if graph.gathered_param_bytes else "")
-        raise _budget_error(budget_bytes, minimum, "model states",
-                            f"model states alone take {format_bytes(graph.model_state_bytes)}{gathered}")
+        raise budget_error(graph, opts, budget_bytes, minimum, "model states", lowest_peak)
 
     # The fastest fitting baseline bounds what the solver may return. It is not given to CBC as a MIP
     # start: CBC 2.10 has been seen to return such a start as "optimal" when a plan 4 % faster existed,
@@ -506,13 +517,4 @@ def solve(graph: TrainingGraph, budget_bytes: int, *, host_budget_bytes: int | N
     if status != "optimal":
         raise MemoptError(f"the solver found no plan within time_limit_s={time_limit_s} and could not prove the "
                           f"budget {format_bytes(budget_bytes)} infeasible; raise time_limit_s")
-    raise _budget_error(budget_bytes, result.peak_bytes, _describe(result.peak_phase), "")
-
-
-def _budget_error(budget_bytes: int, minimum_bytes: int, dominated_by: str, detail: str) -> BudgetError:
-    extra = f" ({detail})" if detail else ""
-    return BudgetError(
-        f"no plan fits a budget of {format_bytes(budget_bytes)} ({budget_bytes} bytes): the smallest feasible "
-        f"budget is {format_bytes(minimum_bytes)} ({minimum_bytes} bytes), set by {dominated_by}{extra}; raise the "
-        "budget to at least that, or allow swap/recompute, or raise the host budget",
-        budget_bytes=budget_bytes, min_feasible_bytes=minimum_bytes, dominated_by=dominated_by)
+    raise budget_error(graph, opts, budget_bytes, result.peak_bytes, _describe(result.peak_phase), lowest_peak)

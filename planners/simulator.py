@@ -12,6 +12,9 @@ outside every unit) are held the whole step. For unit u with realised fractions 
 - a selective recompute keeps only the outputs of the expensive ops (``held = selective bytes + I``), its
   forward holds those and the checkpoint workspace, and it recomputes the cheap ops (``selective_s``).
 
+Where host memory is the device memory (``hardware.unified_memory``, a CPU), ``swapped`` bytes are held like
+kept ones: the copy takes the memory the tensor freed.
+
 Forward of u holds ``base + fixed + shared + sum(held[v<u]) + inflight + eff[u] + forward workspace`` (the
 checkpoint workspace instead of ``eff + forward workspace`` for a whole-unit recompute), where
 ``inflight`` is the previous unit's swap still being copied (asynchronous copies only). The turnaround
@@ -201,6 +204,7 @@ def simulate_amounts(graph: TrainingGraph, amounts: Sequence[UnitAmounts], *, lo
     n = len(units)
     hw = graph.hardware
     is_async = hw.async_copies
+    unified = hw.unified_memory  # a swapped copy takes the same memory: held like a kept tensor
     base = graph.resident_bytes
     fixed = graph.fixed_activation_bytes
     # Tensors passed to several units live through the forward, and on while a recompute needs them.
@@ -221,7 +225,7 @@ def simulate_amounts(graph: TrainingGraph, amounts: Sequence[UnitAmounts], *, lo
             "unit working set": (a.kept_bytes if a.selective else 0.0) if a.drops_forward else float(unit.saved_bytes),
             "workspace": float(unit.checkpoint_workspace_bytes if a.drops_forward else unit.forward_workspace_bytes),
         }))
-        kept_sum += a.kept_bytes
+        kept_sum += a.kept_bytes + (a.swapped_bytes if unified else 0.0)
         input_sum += a.input_held * unit.input_bytes
     points.append(("head", {
         "kept": kept_sum, "recompute input": input_sum + shared_after,
@@ -230,7 +234,7 @@ def simulate_amounts(graph: TrainingGraph, amounts: Sequence[UnitAmounts], *, lo
     }))
     for u in range(n - 1, -1, -1):
         unit, a = units[u], amounts[u]
-        kept_sum -= a.kept_bytes
+        kept_sum -= a.kept_bytes + (a.swapped_bytes if unified else 0.0)
         input_sum -= a.input_held * unit.input_bytes
         prefetch = sum(swapped[max(0, u - lookahead):u]) if is_async else 0.0
         points.append((f"backward {unit.name}", {

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -58,12 +59,17 @@ else:  # "view-tokenwise": units that save a view of a weight (x @ w.t(), which 
 config = {"train_batch_size": 2, "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}},
           "zero_optimization": {"stage": stage}}
 handle = None
-if use_memopt and kind in ("gpt2-selective", "view-tokenwise"):
+if use_memopt and (kind in ("gpt2-selective", "view-tokenwise") or swap):
+    # Forced plans: on a CPU the planner never swaps (host memory is the device memory), so a swap plan
+    # is given as a GPU would get it.
     from memopt.graph import Decision, Plan
     from memopt.planners import realize
     graph = memopt.profile(model, batches[0])
     if kind == "gpt2-selective":
         decisions = [Decision(u.name, 0.0, 0.0, 1.0, selective=True) for u in graph.units]
+    elif kind == "llama":  # swap every other layer whole, recompute the rest
+        decisions = [realize(u, 0.0, 1.0, 0.0) if i % 2 else realize(u, 0.0, 0.0, 1.0)
+                     for i, u in enumerate(graph.units)]
     else:  # keep the first 128 of 256 rows, swap 64, recompute 64
         assert all(u.token_separable for u in graph.units)
         decisions = [realize(u, 0.5, 0.25, 0.25) for u in graph.units]
@@ -157,3 +163,70 @@ def test_bad_memopt_section_is_rejected():
         initialize(model=model, config={"train_batch_size": 2, "memopt": {"budget": 0.5, "speed": "max"}},
                    sample=torch.randn(2, 8, 64))
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+CHECKPOINTING_DEFAULTS = {"partition_activations": False, "contiguous_memory_optimization": False,
+                          "cpu_checkpointing": False, "number_checkpoints": None,
+                          "synchronize_checkpoint_boundary": False, "profile": False}
+
+
+@pytest.mark.parametrize("section, quoted", [
+    ({"partition_activations": True}, "{'partition_activations': True}"),
+    ({**CHECKPOINTING_DEFAULTS, "cpu_checkpointing": True}, "{'cpu_checkpointing': True}"),
+    ({"number_checkpoints": 4, "profile": False}, "{'number_checkpoints': 4}"),
+])
+def test_deepspeed_activation_checkpointing_beside_memopt_is_refused(monkeypatch, section, quoted):
+    import torch
+
+    import memopt.integrations.deepspeed as ds
+    from memopt.testing import TinyMLP
+
+    monkeypatch.setattr(ds.deepspeed, "initialize", lambda **_: pytest.fail("deepspeed.initialize was reached"))
+    model = TinyMLP(depth=2)
+    config = {"train_batch_size": 2, "activation_checkpointing": section, "memopt": {"budget": 0.5}}
+    with pytest.raises(ValueError) as info:
+        ds.initialize(model=model, config=config, sample=torch.randn(2, 8, 64))
+    message = str(info.value)
+    assert f'"activation_checkpointing" section ({quoted}) and a "memopt" section' in message
+    assert 'Remove DeepSpeed\'s "activation_checkpointing" section' in message
+    assert 'or remove the "memopt" section' in message
+    assert all("forward" not in m.__dict__ for m in model.modules())  # refused before memopt touched the model
+
+
+@pytest.mark.parametrize("section", [{}, CHECKPOINTING_DEFAULTS, {"partition_activations": False}])
+def test_deepspeed_activation_checkpointing_at_its_defaults_is_accepted(monkeypatch, section):
+    """A section that only restates DeepSpeed's defaults (as config templates carry it) changes nothing."""
+    import torch
+
+    import memopt.integrations.deepspeed as ds
+    from memopt.testing import TinyMLP
+
+    passed = {}
+
+    def fake_initialize(**kwargs):
+        passed.update(kwargs)
+        return types.SimpleNamespace(), None, None, None
+
+    monkeypatch.setattr(ds.deepspeed, "initialize", fake_initialize)
+    config = {"train_batch_size": 2, "activation_checkpointing": section, "memopt": {"budget": 0.5}}
+    engine, *_ = ds.initialize(model=TinyMLP(depth=4), config=config, sample=torch.randn(2, 64, 64))
+    try:
+        assert engine.memopt_handle is not None and engine.memopt_handle.plan.decisions
+        assert passed["config"] == {"train_batch_size": 2, "activation_checkpointing": section}
+    finally:
+        engine.memopt_handle.remove()
+
+
+def test_configured_deepspeed_checkpointing_beside_memopt_is_refused(monkeypatch):
+    """A model whose code called deepspeed.checkpointing.configure() uses DeepSpeed's checkpointing, with or
+    without a section in the config."""
+    import torch
+    from deepspeed.runtime.activation_checkpointing import checkpointing
+
+    import memopt.integrations.deepspeed as ds
+    from memopt.testing import TinyMLP
+
+    monkeypatch.setattr(checkpointing, "deepspeed_checkpointing_enabled", True)  # what configure() sets
+    with pytest.raises(ValueError, match=r"deepspeed.checkpointing.configure\(\) was called.*\"memopt\" section"):
+        ds.initialize(model=TinyMLP(depth=2), config={"train_batch_size": 2, "memopt": {"budget": 0.5}},
+                      sample=torch.randn(2, 8, 64))

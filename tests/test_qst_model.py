@@ -204,6 +204,17 @@ def test_base_model_without_lm_head_is_refused():
         apply_qst(bare)
 
 
+def test_apply_qst_twice_says_the_model_is_already_a_qst_model():
+    qst = apply_qst(tiny_causal_lm("llama"), QSTConfig(r=4, quantize=None))
+    side = {name: p.clone() for name, p in qst.side.named_parameters()}
+    with pytest.raises(ValueError, match=r"model is already a QSTModel \(r=4, wrapping LlamaForCausalLM\); train it as "
+                                         r"it is, or pass the original Hugging Face causal LM to apply_qst"):
+        apply_qst(qst, QSTConfig(r=4, quantize=None))
+    # The QSTModel is untouched: the same side network, still the only part that trains.
+    assert all(torch.equal(p, side[name]) and p.requires_grad for name, p in qst.side.named_parameters())
+    assert not any(p.requires_grad for p in qst.backbone.parameters())
+
+
 def test_layer_index_out_of_range():
     with pytest.raises(ValueError, match=r"names layer 5, but the backbone has 2 layers \(0..1\)"):
         apply_qst(tiny_causal_lm("llama"), QSTConfig(r=4, layers=[0, 5]))

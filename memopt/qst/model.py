@@ -45,8 +45,8 @@ class QSTModel(nn.Module):
         config (QSTConfig): the QST options.
 
     Raises:
-        ValueError: unsupported architecture, ``r`` not dividing the hidden size, or a layer index out
-            of range. The model is left untouched.
+        ValueError: unsupported architecture, a model that is already a ``QSTModel``, ``r`` not dividing
+            the hidden size, or a layer index out of range. The model is left untouched.
         ImportError: ``quantize="nf4"`` without bitsandbytes, or ``side_lora_rank`` without peft.
     """
 
@@ -54,6 +54,12 @@ class QSTModel(nn.Module):
         super().__init__()
         if not isinstance(config, QSTConfig):
             raise TypeError(f"config must be a QSTConfig, got {type(config).__name__}; e.g. QSTConfig(r=16)")
+        if isinstance(model, QSTModel):
+            raise ValueError(
+                f"model is already a QSTModel (r={model.qst_config.r}, wrapping {type(model.backbone).__name__}); "
+                "train it as it is, or pass the original Hugging Face causal LM to apply_qst. apply_qst "
+                "quantizes and freezes that model in place, so to start over with another config load it afresh"
+            )
         info = describe(model)
         num_layers = len(info.layers)
         fed = list(range(num_layers)) if config.layers is None else list(config.layers)
@@ -330,7 +336,8 @@ def apply_qst(model: nn.Module, config: QSTConfig | None = None) -> QSTModel:
         QSTModel: the wrapped model; only ``qst.side`` requires grad.
 
     Raises:
-        ValueError: unsupported architecture or a config that does not fit the model.
+        ValueError: unsupported architecture, a model that is already a ``QSTModel``, or a config that does
+            not fit the model.
         ImportError: a needed optional dependency is missing (the message says what to install).
 
     Example:
