@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import BudgetError, MemoptError
 from .hardware import Hardware
-from .units import format_bytes, parse_bytes
+from .units import format_budget, format_bytes, parse_bytes
 
 __all__ = ["main"]
 
@@ -95,7 +95,7 @@ def _positive(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .fake_profile import OPTIMIZER_STATES, preset_names
+    from .fake_profile import ATTN_IMPLEMENTATIONS, OPTIMIZER_STATES, preset_names
 
     parser = _Parser(prog="memopt", description="Plan activation memory (keep / swap / recompute) for training.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -116,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--optimizer", choices=list(OPTIMIZER_STATES), default="adamw", help="optimizer (default adamw)")
     plan.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=0, help="ZeRO stage (default 0)")
     plan.add_argument("--world-size", type=int, default=1, help="GPUs ZeRO shards over (default 1)")
+    plan.add_argument("--attn-impl", choices=ATTN_IMPLEMENTATIONS, default=None,
+                      help="attention implementation to model (default: sdpa where the model's class supports it, "
+                           "else eager, as transformers picks)")
     custom = plan.add_argument_group("custom GPU figures (override the preset's)")
     custom.add_argument("--gpu-memory", type=_size, help="device memory, e.g. 48GiB")
     custom.add_argument("--host-memory", type=_size, help="host memory for swapped activations, e.g. 256GiB")
@@ -177,6 +180,7 @@ def _zero_options(graph, n_params: int, setup, activation_floor_bytes: int,
 def _budget_message(graph, setup, exc: BudgetError, budget_bytes: int, budget_text: str) -> str:
     states = graph.model_state_bytes
     floor = max(0, exc.min_feasible_bytes - graph.resident_bytes)
+    minimum = format_budget(exc.min_feasible_bytes)
     shards = f"ZeRO-{setup.zero_stage} over {setup.world_size} GPUs" if setup.zero_stage else "no ZeRO sharding"
     if exc.dominated_by == "model states" or graph.resident_bytes > budget_bytes:
         gathered = (f", plus {format_bytes(graph.gathered_param_bytes)} of parameters ZeRO-3 gathers for a block"
@@ -184,18 +188,17 @@ def _budget_message(graph, setup, exc: BudgetError, budget_bytes: int, budget_te
         head = (f"budget {budget_text} is below the model states: parameters {format_bytes(graph.param_bytes)} + "
                 f"gradients {format_bytes(graph.grad_bytes)} + optimizer {format_bytes(graph.optimizer_bytes)} = "
                 f"{format_bytes(states)} per GPU ({setup.dtype}, {setup.optimizer}, {shards}){gathered}; with its "
-                f"leanest activation plan the step needs {format_bytes(exc.min_feasible_bytes)}")
+                f"leanest activation plan the step needs {minimum}")
     else:
-        head = (f"no plan fits budget {budget_text}: the step needs at least {format_bytes(exc.min_feasible_bytes)}, "
-                f"set by {exc.dominated_by}")
+        head = f"no plan fits budget {budget_text}: the step needs at least {minimum}, set by {exc.dominated_by}"
     n_params = graph.meta.get("n_params")
     options = _zero_options(graph, n_params, setup, floor, budget_bytes) if isinstance(n_params, int) else []
     options = [o for o in options if (o[1], o[0]) != (setup.zero_stage, setup.world_size)]
     if options:
-        fixes = " or ".join(f"ZeRO-{stage} over {world} GPUs (--zero-stage {stage} --world-size {world}, "
-                            f"{format_bytes(need)})" for world, stage, need in options[:2])
-        return f"{head}. It would fit with {fixes}, or with --budget {format_bytes(exc.min_feasible_bytes)}"
-    return f"{head}. Raise --budget to at least {format_bytes(exc.min_feasible_bytes)} or shorten --seq/--batch"
+        fixes = " or ".join(f"ZeRO-{stage} over {world} GPUs (--zero-stage {stage} --world-size {world}, needs "
+                            f"--budget {format_budget(need)} or more)" for world, stage, need in options[:2])
+        return f"{head}. It would fit with {fixes}, or with --budget {minimum}"
+    return f"{head}. Raise --budget to at least {minimum} or shorten --seq/--batch"
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -215,10 +218,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     budget_bytes = parse_bytes(budget, what="--budget")
     request = {"model": args.model, "seq": args.seq, "batch": args.batch, "dtype": args.dtype,
                "optimizer": args.optimizer, "zero_stage": args.zero_stage, "world_size": args.world_size,
-               "gpu": hardware.name, "budget": args.budget}
+               "gpu": hardware.name, "budget": args.budget, "attn_impl": args.attn_impl}
     progress = _Progress(enabled=not args.quiet)
     _quiet_transformers()
-    graph = fake_profile(args.model, setup, hardware, progress=progress)
+    graph = fake_profile(args.model, setup, hardware, attn_implementation=args.attn_impl, progress=progress)
     progress(f"solving the plan (time limit {args.time_limit:g} s)")
     try:
         plan = solve_plan(graph, budget, MemoptConfig(time_limit_s=args.time_limit))

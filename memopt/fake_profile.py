@@ -26,12 +26,14 @@ from .graph import TrainingGraph, param_groups, shard_bytes, zero3_gathered_byte
 from .hardware import Hardware
 
 __all__ = [
+    "ATTN_IMPLEMENTATIONS",
     "DTYPE_BYTES",
     "OPTIMIZER_STATES",
     "ModelConfigError",
     "ModelStates",
     "TrainingSetup",
     "analytic_param_count",
+    "attention_implementation",
     "fake_profile",
     "load_model_config",
     "model_states",
@@ -49,6 +51,10 @@ _TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 OPTIMIZER_STATES = {"adamw": 2, "sgd-momentum": 1, "sgd": 0}
 
 _FP32_BYTES = 4
+
+#: Attention implementations a model can be traced with under fake tensors, the default first (flash
+#: attention needs a GPU, flex attention real tensors).
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 class ModelConfigError(MemoptError, ValueError):
@@ -224,17 +230,41 @@ def load_model_config(model: Any):
     if not isinstance(model_type, str) or not model_type:
         raise ModelConfigError(f"model config {source} has no \"model_type\"; a Hugging Face config.json names one, "
                                "e.g. \"llama\"")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise ModelConfigError(f"model config {source}: transformers {transformers.__version__} does not know "
+                               f"model_type {model_type!r}; upgrade transformers or use a supported model")
     fields = {k: v for k, v in data.items() if k != "model_type"}
     try:
         return transformers.AutoConfig.for_model(model_type, **fields)
-    except ValueError as exc:
-        if "Unrecognized" in str(exc) or "model_type" in str(exc):
-            raise ModelConfigError(f"model config {source}: transformers {transformers.__version__} does not know "
-                                   f"model_type {model_type!r}; upgrade transformers or use a supported model"
-                                   ) from None
-        raise ModelConfigError(f"model config {source} is malformed: {exc}") from None
-    except (TypeError, KeyError, AttributeError) as exc:
-        raise ModelConfigError(f"model config {source} is malformed: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - config classes raise ValueError, TypeError, their own validation errors
+        raise ModelConfigError(f"model config {source} is malformed: {_reason(exc)}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    """One line saying why transformers or torch raised ``exc``, in words where it is a limit of fake tensors."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+    # The profiler's wrapping blames the sample; in a fake profile memopt made the sample, so the cause speaks.
+    while str(exc).startswith("memopt:") and exc.__cause__ is not None:
+        exc = exc.__cause__
+    if isinstance(exc, DataDependentOutputException):
+        return f"its code reads a tensor's value ({exc.func}), which fake tensors do not have"
+    if isinstance(exc, DynamicOutputShapeException):
+        return f"its code makes a tensor whose shape depends on values ({exc.func}), which fake tensors cannot size"
+    text = " ".join(str(exc).split())
+    if "Couldn't swap" in text:
+        return (f"its constructor converts a submodule with .to(), which torch cannot do to fake-tensor parameters "
+                f"({text})")
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _fake_limit(exc: BaseException) -> bool:
+    """``exc`` is a limit of tracing without weights, not a fault of the config."""
+    return _reason(exc).startswith("its ")
 
 
 @contextmanager
@@ -262,24 +292,81 @@ def _plain_batch_masks():
         masking.find_packed_sequence_indices = original
 
 
+@contextmanager
+def _no_weight_init():
+    """Build without initialising weights: fake weights hold no values to set, and some initialisers read
+    values (``trunc_normal_`` in SigLIP or ModernBERT), which fake tensors cannot give. Tying still runs."""
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.initialize_weights
+    PreTrainedModel.initialize_weights = lambda self: None
+    try:
+        yield
+    finally:
+        PreTrainedModel.initialize_weights = original
+
+
+def _causal_lm_class(hf_config):
+    """The ``AutoModelForCausalLM`` class for a config; ModelConfigError when transformers has none."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        found = MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_config)]
+    except KeyError:
+        raise ModelConfigError(
+            f"model_type {hf_config.model_type!r} is not supported: memopt plans causal language models "
+            "(transformers AutoModelForCausalLM) and this config has none") from None
+    return found[0] if isinstance(found, (list, tuple)) else found
+
+
+def attention_implementation(model: Any, requested: str | None = None) -> str:
+    """The attention a causal LM is built with: ``requested``, or sdpa where its class supports it, else eager.
+
+    Args:
+        model: a preset name, a config.json path, a dict or a ``PretrainedConfig``.
+        requested (str | None, default None): one of ``ATTN_IMPLEMENTATIONS``; None picks as transformers
+            does by default (sdpa, falling back to eager for classes without it, e.g. Gemma-2).
+
+    Raises:
+        ModelConfigError: ``requested`` is unknown, or the model's class does not support it.
+
+    Example:
+        >>> attention_implementation("llama-7b"), attention_implementation({"model_type": "gemma2"})
+        ('sdpa', 'eager')
+    """
+    if requested is not None and requested not in ATTN_IMPLEMENTATIONS:
+        raise ModelConfigError(f"attention implementation {requested!r} is not one memopt can trace; choose "
+                               f"{' or '.join(ATTN_IMPLEMENTATIONS)}, or omit it to use the model's default")
+    hf_config = load_model_config(model)
+    cls = _causal_lm_class(hf_config)
+    supported = [name for name in ATTN_IMPLEMENTATIONS if name == "eager" or getattr(cls, "_supports_sdpa", False)]
+    if requested is None:
+        return supported[0]
+    if requested not in supported:
+        raise ModelConfigError(f"{cls.__name__} does not support attention {requested!r} in transformers; pass "
+                               f"--attn-impl {supported[0]} (attn_implementation={supported[0]!r}) or omit it")
+    return requested
+
+
 def _build_model(hf_config, setup: TrainingSetup, attn_implementation: str):
     import torch
     import transformers
 
-    hf_config = hf_config.__class__.from_dict(hf_config.to_dict())
-    hf_config.use_cache = False
-    hf_config._attn_implementation = attn_implementation
+    _causal_lm_class(hf_config)
     dtype = getattr(torch, _TORCH_DTYPE[setup.dtype])
     try:
-        model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    except (ValueError, TypeError, AttributeError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if isinstance(exc, ValueError) and "Unrecognized configuration class" in first:
-            raise ModelConfigError(
-                f"model_type {hf_config.model_type!r} is not supported: memopt plans causal language models "
-                "(transformers AutoModelForCausalLM) and this config has none") from None
+        hf_config = hf_config.__class__.from_dict(hf_config.to_dict())  # a copy: the caller's config is left as is
+        hf_config.use_cache = False
+        with _no_weight_init():
+            model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype,
+                                                                  attn_implementation=attn_implementation)
+    except Exception as exc:  # noqa: BLE001 - whatever a config makes the class raise is the user's to know
+        if _fake_limit(exc):
+            raise ModelConfigError(f"cannot build a {hf_config.model_type!r} model with fake tensors: {_reason(exc)}; "
+                                   "memopt plan cannot model it offline, profile it live with memopt.optimize"
+                                   ) from None
         raise ModelConfigError(f"cannot build a {hf_config.model_type!r} model from this config, it is malformed: "
-                               f"{first}") from None
+                               f"{_reason(exc)}") from None
     return model.train()
 
 
@@ -320,11 +407,13 @@ def parameter_count(model: Any, dtype: str = "bf16") -> int:
 
     hf_config = load_model_config(model)
     with FakeTensorMode():
-        return _trainable_params(_build_model(hf_config, TrainingSetup(seq_len=1, dtype=dtype), "sdpa"))
+        return _trainable_params(_build_model(hf_config, TrainingSetup(seq_len=1, dtype=dtype),
+                                              attention_implementation(hf_config)))
 
 
 def fake_profile(model: Any, setup: TrainingSetup, hardware: Hardware, config: MemoptConfig | None = None, *,
-                 attn_implementation: str = "sdpa", progress: Callable[[str], None] | None = None) -> TrainingGraph:
+                 attn_implementation: str | None = None,
+                 progress: Callable[[str], None] | None = None) -> TrainingGraph:
     """Profile one training step of a Hugging Face causal LM without its weights, for ``hardware``.
 
     Args:
@@ -333,7 +422,9 @@ def fake_profile(model: Any, setup: TrainingSetup, hardware: Hardware, config: M
         hardware (Hardware): the GPU modelled; unit times come from a roofline of its figures.
         config (MemoptConfig | None, default None): unit selection; the separability probe is off in fake
             mode (it compares values, and fake tensors have none), so no unit is planned token-wise.
-        attn_implementation (str, default "sdpa"): the attention the model runs with, as on the GPU.
+        attn_implementation (str | None, default None): the attention the model runs with, as on the GPU:
+            ``"sdpa"`` or ``"eager"``; None picks sdpa where the model's class supports it, else eager (see
+            ``attention_implementation``). Recorded as ``meta["attn_implementation"]``.
         progress (Callable[[str], None] | None, default None): called with a short status line as tracing
             proceeds.
 
@@ -341,8 +432,8 @@ def fake_profile(model: Any, setup: TrainingSetup, hardware: Hardware, config: M
         TrainingGraph: memory from the fake walk, times from the roofline, model states from ``setup``.
 
     Raises:
-        ModelConfigError: the model cannot be built or traced from its config, or the sequence is longer
-            than its learned position table.
+        ModelConfigError: the model cannot be built or traced from its config, does not support the
+            requested attention, or the sequence is longer than its learned position table.
 
     Example:
         >>> g = fake_profile("gpt2", TrainingSetup(seq_len=64), Hardware.preset("h100"))
@@ -360,11 +451,12 @@ def fake_profile(model: Any, setup: TrainingSetup, hardware: Hardware, config: M
     config = dataclasses.replace(config or MemoptConfig(), probe_separable=False, token_separable={})
     hf_config = load_model_config(model)
     name = str(model) if isinstance(model, (str, os.PathLike)) else getattr(hf_config, "model_type", "model")
+    attention = attention_implementation(hf_config, attn_implementation)
     started = time.perf_counter()
     say(f"building {name} with fake tensors")
     roofline = RooflineMode(Roofline(hardware))
     with FakeTensorMode(), _plain_batch_masks():
-        module = _build_model(hf_config, setup, attn_implementation)
+        module = _build_model(hf_config, setup, attention)
         limit = _position_limit(hf_config, module)
         if limit is not None and setup.seq_len > limit:
             raise ModelConfigError(f"seq {setup.seq_len} is longer than {name}'s learned position table "
@@ -374,15 +466,16 @@ def fake_profile(model: Any, setup: TrainingSetup, hardware: Hardware, config: M
             units = select_units(module, config.units)
         except ValueError as exc:
             raise ModelConfigError(f"{name}: {exc}") from None
+        # A multimodal config keeps the vocabulary in its text config; the sample is text only.
+        vocab = int(getattr(hf_config.get_text_config(), "vocab_size", 0) or getattr(hf_config, "vocab_size", 0) or 0)
+        if vocab < 1:
+            raise ModelConfigError(f"model config of {name} has no vocab_size; a causal LM config needs one")
         hooks = []
         for index, (_, unit) in enumerate(units):
             def announce(*_, index=index):
                 say(f"tracing forward: unit {index + 1}/{len(units)}")
             hooks.append(unit.register_forward_pre_hook(announce))
         hooks.append(module.register_forward_hook(lambda *_: say("tracing backward: recomputing each unit")))
-        vocab = int(getattr(hf_config, "vocab_size", 0) or 0)
-        if vocab < 1:
-            raise ModelConfigError(f"model config of {name} has no vocab_size; a causal LM config needs one")
         ids = torch.randint(0, vocab, (setup.batch_size, setup.seq_len))
         sample = {"input_ids": ids, "labels": ids}
         try:
@@ -391,9 +484,7 @@ def fake_profile(model: Any, setup: TrainingSetup, hardware: Hardware, config: M
         except MemoptError:
             raise
         except Exception as exc:  # noqa: BLE001 - a model fake mode cannot run is the user's to know, in one line
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelConfigError(f"{name} cannot be traced with fake tensors: {type(exc).__name__}: {first}"
-                                   ) from None
+            raise ModelConfigError(f"{name} cannot be traced with fake tensors: {_reason(exc)}") from None
         finally:
             for hook in hooks:
                 hook.remove()
@@ -402,6 +493,7 @@ def fake_profile(model: Any, setup: TrainingSetup, hardware: Hardware, config: M
     meta = dict(graph.meta)
     meta.update({
         "model": name, "architecture": type(module).__name__, "model_type": hf_config.model_type,
+        "attn_implementation": attention,
         "profiled": "fake", "timing": f"roofline of {hardware.name}", "n_params": n_params,
         "seq_len": setup.seq_len, "batch_size": setup.batch_size, "dtype": setup.dtype,
         "optimizer": setup.optimizer, "zero_stage": setup.zero_stage, "world_size": setup.world_size,
@@ -412,6 +504,7 @@ def fake_profile(model: Any, setup: TrainingSetup, hardware: Hardware, config: M
     if isinstance(limit_note, int) and setup.seq_len > limit_note:
         meta["note"] = f"seq {setup.seq_len} exceeds the model's max_position_embeddings ({limit_note})"
     gathered = zero3_gathered(graph, n_params, setup.dtype, setup.world_size) if setup.zero_stage == 3 else 0
+    # Plans copy the graph's meta: this lets Plan.summary split a budget into states and activations.
     return dataclasses.replace(
         graph, param_bytes=states.param_bytes, grad_bytes=states.grad_bytes, optimizer_bytes=states.optimizer_bytes,
         sharding_degree=setup.world_size if setup.zero_stage else 1, gathered_param_bytes=gathered, meta=meta)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -18,7 +19,8 @@ from typing import Any
 from .graph import Plan, TrainingGraph
 from .units import format_bytes
 
-__all__ = ["CATEGORY_COLORS", "PlanReport", "breakdown", "memory_svg", "render_breakdown", "render_html", "render_text"]
+__all__ = ["CATEGORY_COLORS", "CATEGORY_NOTES", "PlanReport", "breakdown", "memory_svg", "render_breakdown",
+           "render_html", "render_text"]
 
 _FORMAT = "memopt-plan-report"
 _VERSION = 2  # 2: the graph may carry gathered_param_bytes (ZeRO-3) and shared_input_bytes
@@ -35,6 +37,20 @@ CATEGORY_COLORS = {
     "workspace": "#edc948",
 }
 _BUDGET_COLOR = "#d62728"
+
+#: What each memory category of the plot holds, for its tooltip and the caption under the plots.
+CATEGORY_NOTES = {
+    "model states": "parameters, gradients and optimizer state (and parameters ZeRO-3 gathers), on the device "
+                    "all step whatever the plan",
+    "fixed": "activations saved outside every planned unit (embeddings, final norm, loss): always kept",
+    "kept": "activations the plan keeps on the device from a unit's forward until its backward",
+    "recompute input": "inputs a recomputed unit holds to run again in backward, and tensors several units share "
+                       "(attention mask, rotary tables)",
+    "swap in flight": "activations on their way to or from host memory (copy and prefetch buffers)",
+    "unit working set": "the saved activations of the unit at work, or of the one rebuilt for its backward",
+    "workspace": "transient memory of the unit at work beyond what it saves (outputs, temporaries, gradients); "
+                 "at the turn from forward to backward: logits, loss and their gradients",
+}
 
 
 @dataclass
@@ -179,6 +195,8 @@ def _title(graph: TrainingGraph, req: dict[str, Any]) -> str:
         shape = f", batch {meta['batch_size']} x seq {meta['seq_len']}, {meta['dtype']}, {meta['optimizer']}"
         if meta.get("zero_stage"):
             shape += f", ZeRO-{meta['zero_stage']} over {meta['world_size']} GPUs"
+    if meta.get("attn_implementation"):
+        shape += f", {meta['attn_implementation']} attention"
     return f"{model} ({arch}){shape}"
 
 
@@ -220,6 +238,17 @@ def _verdict(report: PlanReport) -> str:
             f"{hw.name} ({format_bytes(hw.device_bytes)}), step {plan.overhead:.3f}x the no-saving step")
 
 
+def _budget_text(report: PlanReport) -> str:
+    """The budget, split into model states and activations, and where it came from."""
+    plan, graph = report.plan, report.graph
+    states = "model states and gathered parameters" if graph.gathered_param_bytes else "model states"
+    split = (f"{format_bytes(plan.budget_bytes)} = {states} {format_bytes(graph.resident_bytes)} + "
+             f"{format_bytes(plan.budget_bytes - graph.resident_bytes)} for activations")
+    if "budget" in report.request and report.request["budget"] is None:
+        return f"{split} (no --budget given: the GPU's memory, {graph.hardware.name})"
+    return f"{split} (given as {plan.budget_spec!r})"
+
+
 def render_text(report: PlanReport) -> str:
     """The report as the CLI prints it: breakdown, plan per unit, comparison, host, layout, verdict."""
     plan, sim, graph = report.plan, report.simulated, report.graph
@@ -238,7 +267,7 @@ def render_text(report: PlanReport) -> str:
         lines.append(f"  {name:<30} {format_bytes(peak):>11} {step_s * 1e3:>8.2f} ms {ratio:>11.3f} "
                      f"{format_bytes(host):>11}")
     lines.append("")
-    lines.append(f"budget           {format_bytes(plan.budget_bytes)} (given as {plan.budget_spec!r})")
+    lines.append(f"budget           {_budget_text(report)}")
     lines.append(f"host memory used {format_bytes(sim.host_peak_bytes)} of {format_bytes(graph.hardware.host_bytes)}")
     if plan.layout:
         lines.append(f"buffer layout    {format_bytes(plan.layout.get('arena_bytes', 0))} arena, lower bound "
@@ -266,7 +295,8 @@ def _nice_step(span: float, ticks: int = 5) -> float:
 
 
 def memory_svg(timeline: list, step_s: float, *, budget_bytes: int | None = None, device_bytes: int | None = None,
-               y_max_bytes: float | None = None, title: str = "", width: int = 880, height: int = 340) -> str:
+               y_max_bytes: float | None = None, y_min_bytes: float = 0.0, x_max_s: float | None = None,
+               title: str = "", width: int = 880, height: int = 340) -> str:
     """Memory over one step as an SVG: phases stacked by category, the budget drawn as a line.
 
     Args:
@@ -275,6 +305,10 @@ def memory_svg(timeline: list, step_s: float, *, budget_bytes: int | None = None
         budget_bytes (int | None, default None): drawn as a dashed red line when given.
         device_bytes (int | None, default None): the GPU's memory, drawn as a dotted line when in range.
         y_max_bytes (float | None, default None): top of the y axis; from the data when None.
+        y_min_bytes (float, default 0.0): bottom of the y axis, bytes. Above 0 (e.g. the model states) the plot
+            zooms on what lies above it and a strip at the bottom stands for the bytes below, with their size.
+        x_max_s (float | None, default None): end of the time axis, seconds; give plots of steps of different
+            lengths the same one so their widths compare. ``step_s`` when None.
         title (str, default ""): caption above the plot.
         width (int, default 880): SVG width, pixels.
         height (int, default 340): SVG height, pixels.
@@ -282,25 +316,28 @@ def memory_svg(timeline: list, step_s: float, *, budget_bytes: int | None = None
     from .planners.simulator import CATEGORIES
 
     left, right, top, bottom = 70, 150, 28, 40
-    plot_w, plot_h = width - left - right, height - top - bottom
+    strip = 16 if y_min_bytes > 0 else 0  # the bytes below the axis, drawn as one band
+    plot_w, plot_h = width - left - right, height - top - bottom - strip
     totals = [sum(cats.values()) for _, _, cats in timeline]
     peak = max(totals or [0])
     y_max = y_max_bytes or max(peak, budget_bytes or 0) * 1.08 or 1.0
-    end_s = max(step_s, timeline[-1][0] if timeline else 0.0) or 1.0
+    y_min = min(max(0.0, y_min_bytes), 0.9 * y_max)
+    end_s = max(x_max_s or 0.0, step_s, timeline[-1][0] if timeline else 0.0) or 1.0
     gib = 1024**3
 
     def x(seconds: float) -> float:
         return left + plot_w * seconds / end_s
 
     def y(nbytes: float) -> float:
-        return top + plot_h * (1.0 - min(nbytes, y_max) / y_max)
+        return top + plot_h * (1.0 - (min(max(nbytes, y_min), y_max) - y_min) / (y_max - y_min))
 
     spans = []
     for i, (start, label, cats) in enumerate(timeline):
-        stop = timeline[i + 1][0] if i + 1 < len(timeline) else end_s
+        stop = timeline[i + 1][0] if i + 1 < len(timeline) else step_s
         spans.append((start, max(stop, start), label, cats))
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="memplot" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" data-peak-bytes="{peak}" role="img" '
+           f'viewBox="0 0 {width} {height}" data-peak-bytes="{peak}" data-y-min-bytes="{int(y_min)}" '
+           f'data-y-max-bytes="{int(y_max)}" role="img" '
            f'aria-label="{html.escape(title or "memory over time")}">',
            f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fafafa" stroke="#ccc"/>']
     if title:
@@ -308,12 +345,12 @@ def memory_svg(timeline: list, step_s: float, *, budget_bytes: int | None = None
     # Forward and backward halves, split where the head (logits and loss) runs.
     head = next((s for s in spans if s[2] == "head"), None)
     if head is not None:
-        xh = x(head[0])
+        xh, xe = x(head[0]), x(step_s)
         out.append(f'<line x1="{xh:.1f}" y1="{top}" x2="{xh:.1f}" y2="{top + plot_h}" stroke="#999" '
                    'stroke-dasharray="2,3"/>')
         out.append(f'<text x="{(left + xh) / 2:.1f}" y="{top + 14}" font-size="11" text-anchor="middle" '
                    'fill="#555">forward</text>')
-        out.append(f'<text x="{(xh + left + plot_w) / 2:.1f}" y="{top + 14}" font-size="11" text-anchor="middle" '
+        out.append(f'<text x="{(xh + xe) / 2:.1f}" y="{top + 14}" font-size="11" text-anchor="middle" '
                    'fill="#555">backward</text>')
     lower = [0.0] * len(spans)
     for category in CATEGORIES:
@@ -328,23 +365,45 @@ def memory_svg(timeline: list, step_s: float, *, budget_bytes: int | None = None
             points += [(x(stop), y(lo)), (x(start), y(lo))]
         path = " ".join(f"{px:.1f},{py:.1f}" for px, py in points)
         out.append(f'<polygon class="cat" data-category="{category}" points="{path}" '
-                   f'fill="{CATEGORY_COLORS[category]}" stroke="none"><title>{category}</title></polygon>')
+                   f'fill="{CATEGORY_COLORS[category]}" stroke="none"><title>{category}: '
+                   f'{html.escape(CATEGORY_NOTES[category])}</title></polygon>')
         lower = upper
+    if strip:
+        below = html.escape(f"{format_bytes(y_min)} below the axis (model states)")
+        out.append(f'<rect class="below-axis" x="{left}" y="{top + plot_h}" width="{x(step_s) - left:.1f}" '
+                   f'height="{strip}" fill="{CATEGORY_COLORS["model states"]}"><title>{below}</title></rect>')
+        out.append(f'<text x="{left + 4}" y="{top + plot_h + strip - 4}" font-size="10" fill="#fff">{below}</text>')
     for (start, stop, label, _), total in zip(spans, totals):
         out.append(f'<rect x="{x(start):.1f}" y="{top}" width="{max(x(stop) - x(start), 0.5):.1f}" '
                    f'height="{plot_h}" fill="transparent"><title>{html.escape(label)}: '
                    f'{format_bytes(total)}</title></rect>')
-    for value, color, dash, name in ((budget_bytes, _BUDGET_COLOR, "6,4", "budget"),
-                                     (device_bytes, "#333", "1,3", "GPU memory")):
-        if value and value <= y_max:
-            out.append(f'<line class="{name.replace(" ", "-")}" x1="{left}" y1="{y(value):.1f}" x2="{left + plot_w}" '
-                       f'y2="{y(value):.1f}" stroke="{color}" stroke-width="2" stroke-dasharray="{dash}"/>')
-            out.append(f'<text x="{left + plot_w - 4}" y="{y(value) - 4:.1f}" font-size="11" fill="{color}" '
-                       f'text-anchor="end">{name} {value / gib:.1f} GiB</text>')
-    step = _nice_step(y_max / gib)
-    tick = 0.0
+    if x(step_s) < left + plot_w - 1:
+        out.append(f'<line class="step-end" x1="{x(step_s):.1f}" y1="{top}" x2="{x(step_s):.1f}" '
+                   f'y2="{top + plot_h + strip}" stroke="#333"/>')
+        out.append(f'<text x="{x(step_s) + 4:.1f}" y="{top + plot_h - 6}" font-size="10" fill="#333">step ends'
+                   '</text>')
+    lines = [(value, color, dash, name) for value, color, dash, name in (
+        (budget_bytes, _BUDGET_COLOR, "6,4", "budget"), (device_bytes, "#333", "1,3", "GPU memory"))
+        if value and y_min < value <= y_max]
+    # The budget defaults to the GPU's memory: one label for two lines that close, not two on top of each other.
+    close = len(lines) == 2 and abs(y(lines[0][0]) - y(lines[1][0])) < 12
+    for i, (value, color, dash, name) in enumerate(lines):
+        out.append(f'<line class="{name.replace(" ", "-")}" x1="{left}" y1="{y(value):.1f}" x2="{left + plot_w}" '
+                   f'y2="{y(value):.1f}" stroke="{color}" stroke-width="2" stroke-dasharray="{dash}"/>')
+        if close and i == 1:
+            continue
+        label = (f"budget {format_bytes(value)}, GPU memory {format_bytes(lines[1][0])}" if close
+                 else f"{name} {format_bytes(value)}")
+        out.append(f'<text x="{left + plot_w - 4}" y="{y(value) - 4:.1f}" font-size="11" fill="{color}" '
+                   f'text-anchor="end">{label}</text>')
+    step = _nice_step((y_max - y_min) / gib)
+    tick = math.ceil(y_min / gib / step - 1e-9) * step
+    if y_min and tick * gib - y_min > 0.3 * step * gib:  # label the floor too when no tick falls near it
+        out.append(f'<text x="{left - 6}" y="{y(y_min) + 4:.1f}" font-size="10" text-anchor="end">'
+                   f'{y_min / gib:.3g}</text>')
     while tick * gib <= y_max + 1e-9:
-        out.append(f'<text x="{left - 6}" y="{y(tick * gib) + 4:.1f}" font-size="10" text-anchor="end">{tick:g}</text>')
+        out.append(f'<text x="{left - 6}" y="{y(tick * gib) + 4:.1f}" font-size="10" text-anchor="end">'
+                   f'{round(tick, 6):g}</text>')
         out.append(f'<line x1="{left - 3}" y1="{y(tick * gib):.1f}" x2="{left}" y2="{y(tick * gib):.1f}" '
                    'stroke="#333"/>')
         tick += step
@@ -356,15 +415,17 @@ def memory_svg(timeline: list, step_s: float, *, budget_bytes: int | None = None
     tick = 0.0
     while tick <= end_s * scale + 1e-9:
         px = x(tick / scale)
-        out.append(f'<text x="{px:.1f}" y="{top + plot_h + 14}" font-size="10" text-anchor="middle">{tick:g}</text>')
+        out.append(f'<text x="{px:.1f}" y="{top + plot_h + strip + 14}" font-size="10" text-anchor="middle">'
+                   f'{round(tick, 9):g}</text>')
         tick += step_x
     out.append(f'<text x="{left + plot_w / 2:.0f}" y="{height - 6}" font-size="11" text-anchor="middle">'
                f'time in the step ({unit})</text>')
     for i, category in enumerate(CATEGORIES):
         ly = top + 30 + 16 * i
-        out.append(f'<rect x="{left + plot_w + 6}" y="{ly}" width="10" height="10" '
-                   f'fill="{CATEGORY_COLORS[category]}"/>')
-        out.append(f'<text x="{left + plot_w + 20}" y="{ly + 9}" font-size="10">{category}</text>')
+        out.append(f'<g class="legend"><title>{category}: {html.escape(CATEGORY_NOTES[category])}</title>'
+                   f'<rect x="{left + plot_w + 6}" y="{ly}" width="10" height="10" '
+                   f'fill="{CATEGORY_COLORS[category]}"/>'
+                   f'<text x="{left + plot_w + 20}" y="{ly + 9}" font-size="10">{category}</text></g>')
     out.append("</svg>")
     return "\n".join(out)
 
@@ -378,6 +439,10 @@ th, td { padding: 3px 10px; border-bottom: 1px solid #e4e4e4; text-align: right;
 th:first-child, td:first-child, td.text, th.text { text-align: left; }
 .fits { color: #1a7f37; font-weight: bold; } .nofit { color: #d62728; font-weight: bold; }
 .note { color: #666; font-size: 12px; }
+dl.legend { font-size: 12px; display: grid; grid-template-columns: max-content 1fr; gap: 2px 10px; }
+dl.legend dt { font-weight: bold; } dl.legend dd { margin: 0; }
+.swatch { display: inline-block; width: 10px; height: 10px; margin-right: 6px; }
+#zoom:checked ~ .plots .full, #zoom:not(:checked) ~ .plots .zoomed { display: none; }
 """
 
 
@@ -390,6 +455,35 @@ def _table(header: list[str], rows: list[list[str]], text_columns: tuple[int, ..
                         for i, c in enumerate(row))
         body.append(f"<tr>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _plots(report: PlanReport, sim, none_sim, y_max: float) -> str:
+    """Both steps on one time scale (the longer fills the width), in two views: from 0 and zoomed on
+    what lies above the model states; a checkbox (CSS only, no script) switches them. The zoomed view is
+    the default where the states take more than half the axis, which would squeeze the plan into a sliver."""
+    plan, graph = report.plan, report.graph
+    resident = graph.resident_bytes
+    x_max = max(sim.step_s, none_sim.step_s)
+    views = []
+    for view, y_min in (("full", 0.0), ("zoomed", float(resident))):
+        svgs = [memory_svg(timeline, step_s, budget_bytes=plan.budget_bytes, device_bytes=graph.hardware.device_bytes,
+                           y_max_bytes=y_max, y_min_bytes=y_min, x_max_s=x_max,
+                           title=f"{name}: peak {format_bytes(peak)}, step {step_s * 1e3:.2f} ms")
+                for name, timeline, step_s, peak in (("memopt plan", sim.timeline, sim.step_s, sim.peak_bytes),
+                                                     ("no saving", none_sim.timeline, none_sim.step_s,
+                                                      none_sim.peak_bytes))]
+        views.append(f'<div class="view {view}">{"".join(svgs)}</div>')
+    checked = " checked" if resident > y_max / 2 else ""
+    legend = "".join(f'<dt><span class="swatch" style="background:{CATEGORY_COLORS[c]}"></span>{html.escape(c)}</dt>'
+                     f"<dd>{html.escape(CATEGORY_NOTES[c])}</dd>" for c in CATEGORY_NOTES)
+    return "\n".join([
+        f'<input type="checkbox" id="zoom"{checked}> <label for="zoom">zoom on activations: the y axis starts at '
+        f"the model states ({html.escape(format_bytes(resident))}) instead of 0</label>",
+        f'<div class="plots">{"".join(views)}</div>',
+        '<p class="note">Both plots share one time axis: a step that takes longer is wider. Hover an area or a '
+        "legend entry for what it holds.</p>",
+        f'<dl class="legend">{legend}</dl>',
+    ])
 
 
 def render_html(report: PlanReport) -> str:
@@ -409,7 +503,7 @@ def render_html(report: PlanReport) -> str:
                   for name, _, peak, step_s, host in _comparison(report)]
     units = [[name, mode, format_bytes(saved), format_bytes(kept), format_bytes(swapped), f"{recompute:.0%}"]
              for name, mode, saved, kept, swapped, recompute in _unit_rows(report)]
-    facts = [["budget", f"{format_bytes(plan.budget_bytes)} (given as {plan.budget_spec!r})"],
+    facts = [["budget", _budget_text(report)],
              ["host memory used", f"{format_bytes(sim.host_peak_bytes)} of {format_bytes(graph.hardware.host_bytes)}"],
              ["solver", f"{plan.solver} {plan.status}, gap {plan.gap:.2%}, {plan.solve_time_s:.2f} s"],
              ["simulator check", "ok" if report.verified else "MISMATCH"]]
@@ -424,11 +518,7 @@ def render_html(report: PlanReport) -> str:
         f"<p>GPU {html.escape(_hardware_line(graph))}</p>",
         f'<p class="{"fits" if fits else "nofit"}" id="verdict">{html.escape(_verdict(report))}</p>',
         "<h2>Memory over the step</h2>",
-        memory_svg(sim.timeline, sim.step_s, budget_bytes=plan.budget_bytes, device_bytes=graph.hardware.device_bytes,
-                   y_max_bytes=y_max, title=f"memopt plan: peak {format_bytes(sim.peak_bytes)}"),
-        memory_svg(none_sim.timeline, none_sim.step_s, budget_bytes=plan.budget_bytes,
-                   device_bytes=graph.hardware.device_bytes, y_max_bytes=y_max,
-                   title=f"no saving: peak {format_bytes(none_sim.peak_bytes)}"),
+        _plots(report, sim, none_sim, y_max),
         "<h2>Memory breakdown (per GPU)</h2>",
         _table(["category", "bytes", "counted as"], breakdown, (0, 2)),
         "<h2>Plans compared</h2>",

@@ -9,8 +9,9 @@ Two checks run in the real browser:
 
 1. ``--dump-dom``: the page Chromium parsed holds the plot (``svg.memplot``) with its stacked category
    areas and the budget line.
-2. ``--screenshot``: the rendered pixels of the page contain the plot's category colours over a
-   sizeable area, and the budget line's red, i.e. the plot is visibly non-empty.
+2. ``--screenshot``: the rendered pixels of the page contain the colours of the activation categories
+   (everything above the model states) over a sizeable area, and the budget line's red, i.e. the plot
+   is visibly non-empty.
 
 Exit status: 0 when both pass, 1 when a check fails, 77 when no Chromium is installed (install one with
 ``apt-get install chromium``). The test ``tests/test_report_html.py`` runs this check and skips
@@ -141,14 +142,17 @@ def check_html(path: Path, browser: str, keep: Path | None = None) -> dict:
     counts = count_colors(rows, {**CATEGORY_COLORS, "budget": budget_color})
     drawn = {name: n for name, n in counts.items() if name != "budget" and n >= MIN_CATEGORY_PIXELS}
     plot_pixels = sum(n for name, n in counts.items() if name != "budget")
-    if plot_pixels < MIN_PLOT_PIXELS or not drawn:
-        raise AssertionError(f"the rendered plot is empty: {plot_pixels} pixels in category colours {counts}")
+    # The model states are one flat band (or, zoomed, a strip below the axis); the plan is what lies above.
+    activation_pixels = sum(n for name, n in counts.items() if name not in ("budget", "model states"))
+    if activation_pixels < MIN_PLOT_PIXELS or not set(drawn) - {"model states"}:
+        raise AssertionError(f"the rendered plot is empty: {activation_pixels} pixels in activation category colours "
+                             f"{counts}")
     if counts["budget"] < 50:
         raise AssertionError(f"the budget line is not visible: {counts['budget']} red pixels")
     if keep is None:
         shutil.rmtree(workdir, ignore_errors=True)
-    return {"plots": plots, "category_areas": areas, "plot_pixels": plot_pixels, "categories_drawn": sorted(drawn),
-            "budget_pixels": counts["budget"]}
+    return {"plots": plots, "category_areas": areas, "plot_pixels": plot_pixels, "activation_pixels": activation_pixels,
+            "categories_drawn": sorted(drawn), "budget_pixels": counts["budget"], "pixels": counts}
 
 
 def _make_report(directory: Path) -> Path:

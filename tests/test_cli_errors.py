@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -119,9 +120,56 @@ def test_budget_below_activation_floor(capsys):
     assert "needs" in line and "GiB" in line
 
 
+def _one_less(value: str) -> str:
+    """A --budget value one hundredth of its unit below ``value`` (e.g. 2.07GiB -> 2.06GiB)."""
+    number, unit = re.fullmatch(r"(\d+\.\d\d)([KMG]iB)", value).groups()
+    return f"{float(number) - 0.01:.2f}{unit}"
+
+
+def _suggestion(line: str, pattern: str) -> str:
+    match = re.search(pattern, line)
+    assert match, (pattern, line)
+    return match.group(1)
+
+
+def _plans(argv, capsys) -> int:
+    code = main(argv)
+    capsys.readouterr()
+    return code
+
+
+@pytest.mark.parametrize("argv,head", [
+    (["--budget", "1GiB", *PLAN], "is below the model states"),
+    (["--budget", "1.9GiB", "--seq", "1024", "--batch", "8", "--quiet"], "no plan fits budget 1.9GiB"),  # no ZeRO fits
+])
+def test_suggested_minimum_budget_works_as_written(argv, head, capsys):
+    """The suggested value is one argv item --budget accepts, rounded up: it fits, a hundredth less does not."""
+    code, _, err = _run(["plan", "gpt2", *argv], capsys)
+    assert code == 2
+    line = _assert_one_line(err)
+    assert head in line
+    value = _suggestion(line, r"(?:Raise --budget to at least|or with --budget) (\S+)")
+    assert re.fullmatch(r"\d+\.\d\d[KMG]iB", value), value  # no space: "--budget 58.52 GiB" is two arguments
+    assert f"needs at least {value}" in line or f"step needs {value}" in line  # the head quotes the same figure
+    shape = argv[2:]
+    assert _plans(["plan", "gpt2", "--budget", value, *shape], capsys) == 0
+    assert _plans(["plan", "gpt2", "--budget", _one_less(value), *shape], capsys) == 2
+
+
+def test_suggested_zero_sharding_works_as_written(capsys):
+    code, _, err = _run(["plan", "gpt2", "--budget", "1GiB", *PLAN], capsys)
+    assert code == 2
+    line = _assert_one_line(err)
+    flags = _suggestion(line, r"\((--zero-stage \d --world-size \d+), needs --budget \S+ or more\)").split()
+    value = _suggestion(line, r"--world-size \d+, needs --budget (\S+) or more\)")
+    assert _plans(["plan", "gpt2", *flags, "--budget", value, *PLAN], capsys) == 0
+    assert _plans(["plan", "gpt2", *flags, "--budget", _one_less(value), *PLAN], capsys) == 2
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["plan", "gpt2", "--seq", "128", "--budget", "lots"], "is not a byte count"),
     (["plan", "gpt2", "--seq", "128", "--dtype", "int4"], "invalid choice"),
+    (["plan", "gpt2", "--seq", "128", "--attn-impl", "flash_attention_2"], "invalid choice: 'flash_attention_2'"),
     (["plan", "gpt2", "--seq", "0", "--quiet"], "seq_len must be an int >= 1"),
     (["plan", "gpt2", "--seq", "128", "--zero-stage", "3", "--quiet"], "world_size"),
     (["plan", "gpt2", "--seq", "4096", "--quiet"], "learned position table"),

@@ -10,10 +10,11 @@ pytest.importorskip("transformers")
 
 from memopt.cli import main  # noqa: E402
 from memopt.fake_profile import parameter_count  # noqa: E402
+from memopt.graph import Plan  # noqa: E402
 from memopt.hardware import Hardware  # noqa: E402
 from memopt.planners import simulate  # noqa: E402
 from memopt.report import PlanReport  # noqa: E402
-from memopt.units import parse_bytes  # noqa: E402
+from memopt.units import format_bytes, parse_bytes  # noqa: E402
 
 BASE = ["plan", "gpt2", "--seq", "256", "--batch", "2", "--gpu", "h100", "--quiet"]
 
@@ -117,6 +118,46 @@ def test_custom_gpu_figures_override_the_preset(tmp_path, capsys):
         parse_bytes("48GiB"), 100e12, 1e12, 16e9)
     assert report.plan.budget_bytes == parse_bytes("48GiB")
     assert "custom" in out
+
+
+def test_no_budget_is_named_as_the_gpus_memory(tmp_path, capsys):
+    out, report = _plan(tmp_path, capsys)
+    line = next(line for line in out.splitlines() if line.startswith("budget "))
+    assert "no --budget given: the GPU's memory, h100" in line
+    assert "given as" not in line and str(report.plan.budget_bytes) not in line  # not "(given as 85899345920)"
+    from memopt.report import render_html
+
+    assert "no --budget given: the GPU&#x27;s memory, h100" in render_html(report)
+
+
+def test_budget_is_shown_as_model_states_plus_activations(tmp_path, capsys, reference):
+    low = reference.baselines["checkpoint-all"].predicted_peak_bytes
+    budget = str(int(low + 0.3 * (reference.baselines["none"].predicted_peak_bytes - low)))  # solves in a second
+    out, report = _plan(tmp_path, capsys, "--budget", budget)
+    resident = report.graph.resident_bytes
+    free = report.plan.budget_bytes - resident
+    assert resident > 0 and free > 0
+    line = next(line for line in out.splitlines() if line.startswith("budget "))
+    expected = f"= model states {format_bytes(resident)} + {format_bytes(free)} for activations (given as {budget!r})"
+    assert expected in line
+    # Plan.summary (what handle.report() prints) splits the budget and each peak the same way.
+    summary = report.plan.summary()
+    assert f"model states    {format_bytes(resident)} on the device all step" in summary
+    assert f"budget          {format_bytes(report.plan.budget_bytes)} = {format_bytes(resident)} states + " \
+           f"{format_bytes(free)} activations" in summary
+    peak = report.plan.predicted_peak_bytes
+    assert f"predicted peak  {format_bytes(peak)} = {format_bytes(resident)} states + " \
+           f"{format_bytes(peak - resident)} activations" in summary
+
+
+def test_plan_saved_without_resident_bytes_still_loads_and_summarises(reference):
+    """A plan from before graph_meta carried the model-state bytes loads, and says the states are included."""
+    data = reference.plan.to_dict()
+    data["graph_meta"] = {k: v for k, v in data["graph_meta"].items() if k != "resident_bytes"}
+    old = Plan.from_dict(data)
+    summary = old.summary()
+    assert "model states    included in budget and peaks below" in summary
+    assert f"budget          {format_bytes(old.budget_bytes)} (given as" in summary
 
 
 def test_json_is_plain_json_with_the_request(tmp_path, capsys):

@@ -14,6 +14,7 @@ from memopt.fake_profile import (  # noqa: E402
     ModelConfigError,
     TrainingSetup,
     analytic_param_count,
+    attention_implementation,
     fake_profile,
     load_model_config,
     model_states,
@@ -164,10 +165,57 @@ def test_training_setup_rejects_bad_values(kwargs, match):
         TrainingSetup(**kwargs)
 
 
-@pytest.mark.parametrize("module_name", ["memopt.roofline", "memopt.fake_profile"])
-def test_docstring_examples_run(module_name):
-    import doctest
-    import importlib
+GEMMA2 = {"model_type": "gemma2", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 512}
+TINY_LLAMA = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}
 
-    result = doctest.testmod(importlib.import_module(module_name))
-    assert result.attempted > 0 and result.failed == 0
+
+@pytest.mark.parametrize("config,requested,expected", [
+    (TINY_LLAMA, None, "sdpa"), (TINY_LLAMA, "eager", "eager"), (TINY_LLAMA, "sdpa", "sdpa"),
+    (GEMMA2, None, "eager"), (GEMMA2, "eager", "eager"),  # transformers' Gemma-2 has no sdpa path
+])
+def test_attention_follows_what_the_model_class_supports(config, requested, expected):
+    assert attention_implementation(config, requested) == expected
+
+
+@pytest.mark.parametrize("config,requested,match", [
+    (GEMMA2, "sdpa", "Gemma2ForCausalLM does not support attention 'sdpa'.*--attn-impl eager"),
+    (TINY_LLAMA, "flash_attention_2", "'flash_attention_2' is not one memopt can trace; choose sdpa or eager"),
+])
+def test_attention_the_model_cannot_run_is_refused_with_the_fix(config, requested, match):
+    with pytest.raises(ModelConfigError, match=match):
+        fake_profile(config, TrainingSetup(seq_len=64), CPU, attn_implementation=requested)
+
+
+def test_gemma2_profiles_and_counts_with_eager_attention():
+    graph = fake_profile(GEMMA2, TrainingSetup(seq_len=64), CPU)
+    assert graph.meta["attn_implementation"] == "eager"
+    assert graph.meta["n_params"] == parameter_count(GEMMA2) > 0
+
+
+def test_eager_attention_is_modelled_when_asked():
+    """Eager attention saves the (heads x seq x seq) probabilities that sdpa never materialises."""
+    setup = TrainingSetup(seq_len=256, dtype="fp32")
+    sdpa = fake_profile(TINY_LLAMA, setup, CPU)
+    eager = fake_profile(TINY_LLAMA, setup, CPU, attn_implementation="eager")
+    assert (sdpa.meta["attn_implementation"], eager.meta["attn_implementation"]) == ("sdpa", "eager")
+    probabilities = 4 * 256 * 256 * 4  # heads x seq x seq, fp32, per layer
+    assert eager.activation_bytes - sdpa.activation_bytes >= 2 * probabilities
+
+
+def test_config_the_class_validation_rejects_is_one_line():
+    """Config classes validate themselves with their own error types; memopt reports them, never a traceback."""
+    bad = {"model_type": "mamba2", "hidden_size": 64, "expand": 2, "num_heads": 4, "head_dim": 16}
+    with pytest.raises(ModelConfigError, match=r"malformed: .*hidden_size \* expand \(128\) must equal") as info:
+        load_model_config(bad)
+    assert "\n" not in str(info.value)
+
+
+def test_config_object_changed_into_an_invalid_one_is_one_line():
+    """A PretrainedConfig edited after construction is re-validated when the model is built: still one line."""
+    config = load_model_config({"model_type": "mamba2", "hidden_size": 64, "expand": 2, "num_heads": 8,
+                                "head_dim": 16, "num_hidden_layers": 2, "vocab_size": 256})
+    config.num_heads = 4  # 64 x 2 != 4 x 16
+    with pytest.raises(ModelConfigError, match="malformed: .*must equal num_heads \\* head_dim"):
+        fake_profile(config, TrainingSetup(seq_len=64), CPU)
