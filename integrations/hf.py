@@ -4,15 +4,14 @@
 
 At ``on_train_begin`` the callback takes the first batch of the Trainer's own dataloader (without moving
 any random state, so the run's data order is the one it would have without memopt), profiles one step,
-plans it under the budget and applies the plan; at ``on_train_end`` it removes it. Hugging Face
-gradient checkpointing, when turned on, is turned off for the run: memopt's plan decides which layers
-recompute, and checkpointing every layer on top of it would only cost time. PEFT/QLoRA models work: the
-units are the base model's decoder layers.
+plans it under the budget and applies the plan; at ``on_train_end`` it removes it. As for any applied
+plan, Hugging Face gradient checkpointing (``gradient_checkpointing=True``) and the KV cache of training
+forwards are turned off while it runs and back on after (``memopt.runtime.switches``): memopt's plan
+decides which layers recompute. PEFT/QLoRA models work: the units are the base model's decoder layers.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -23,6 +22,7 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
     raise ImportError("memopt.integrations.hf needs: pip install 'memopt[hf]'") from error
 
 import memopt
+from memopt.units import parse_budget
 
 __all__ = ["MemoptCallback"]
 
@@ -42,22 +42,14 @@ class MemoptCallback(TrainerCallback):
     def __init__(self, budget: int | str | float, config: memopt.MemoptConfig | None = None) -> None:
         if isinstance(budget, bool) or not isinstance(budget, (int, str, float)):
             raise ValueError(f"budget must be bytes ('20GiB' or an int) or a fraction like 0.5, got {budget!r}")
+        parse_budget(budget)
         self.budget = budget
         self.config = config or memopt.MemoptConfig()
         self.handle: memopt.Handle | None = None
-        self._checkpointing: dict | None = None
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs: Any):
         if model is None or train_dataloader is None:
             raise ValueError("MemoptCallback needs the Trainer's model and train dataloader at on_train_begin")
-        if _checkpointing_on(model):
-            warnings.warn("memopt: Hugging Face gradient checkpointing is turned off for this run; the memopt plan "
-                          "decides which layers recompute", stacklevel=2)
-            self._checkpointing = dict(args.gradient_checkpointing_kwargs or {})
-            if hasattr(model, "activation_checkpointing_disable"):
-                model.activation_checkpointing_disable()
-            else:
-                model.gradient_checkpointing_disable()
         sample = _first_batch(train_dataloader, _device(model))
         self.handle = memopt.optimize(model, sample, self.budget, self.config)
         return control
@@ -66,20 +58,7 @@ class MemoptCallback(TrainerCallback):
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
-        if self._checkpointing is not None and model is not None:
-            if hasattr(model, "activation_checkpointing_enable"):
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs=self._checkpointing)
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=self._checkpointing)
-            self._checkpointing = None
         return control
-
-
-def _checkpointing_on(model) -> bool:
-    # transformers 5 renamed gradient checkpointing to activation checkpointing; older releases have only the first.
-    if hasattr(type(model), "is_activation_checkpointing"):
-        return bool(model.is_activation_checkpointing)
-    return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
 def _device(model: torch.nn.Module) -> torch.device:

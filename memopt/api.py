@@ -2,69 +2,62 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any
 
 from torch import nn
 
-from .blocks import select_units
+from .blocks import units_for_plan
 from .config import MemoptConfig
 from .graph import Decision, Plan, TrainingGraph
 from .hardware import Hardware
 from .runtime.engine import UnitPolicy
 from .runtime.hooks import Runtime
-from .units import format_bytes, parse_bytes
+from .units import format_bytes, parse_budget
 
 __all__ = ["Handle", "apply", "optimize", "plan", "profile", "resolve_budget"]
 
 
 def profile(model: nn.Module, sample: Any, config: MemoptConfig | None = None,
             hardware: Hardware | None = None) -> TrainingGraph:
-    """Profile one training step of ``model`` on ``sample`` (see ``memopt.profiler.profile_model``).
+    """Profile training steps of ``model`` on ``sample`` (see ``memopt.profiler.profile_model``): one full
+    step measures the bytes (and warms up), ``config.profile_warmup`` more are discarded, then
+    ``config.profile_repeats`` timing-only steps give the times, combined by ``memopt.timing.robust_times``
+    (medians, identical blocks pooled, a busy machine flagged).
 
     Example:
         >>> import torch, memopt
         >>> from memopt.testing import TinyMLP
         >>> graph = memopt.profile(TinyMLP(), torch.randn(2, 128, 64), hardware=memopt.Hardware.preset("cpu"))
-        >>> len(graph.units)
-        4
+        >>> len(graph.units), graph.meta["profiled_steps"]
+        (4, 3)
     """
     from .profiler import profile_model
+    from .timing import robust_times
 
     config = config or MemoptConfig()
-    graphs = [profile_model(model, sample, config, hardware) for _ in range(config.profile_repeats)]
-    return graphs[0] if len(graphs) == 1 else _median_times(graphs)
-
-
-def _median_times(graphs: list[TrainingGraph]) -> TrainingGraph:
-    """The first graph with every time replaced by the median over repeated profiles (bytes do not vary)."""
-    def median(values: list[float]) -> float:
-        return sorted(values)[len(values) // 2]
-
-    first = graphs[0]
-    units = [dataclasses.replace(unit, **{key: median([g.units[i].__dict__[key] for g in graphs])
-                                          for key in ("forward_s", "backward_s", "selective_s")})
-             for i, unit in enumerate(first.units)]
-    return dataclasses.replace(first, units=units,
-                               other_forward_s=median([g.other_forward_s for g in graphs]),
-                               other_backward_s=median([g.other_backward_s for g in graphs]))
+    full = profile_model(model, sample, config, hardware)
+    for _ in range(config.profile_warmup):
+        profile_model(model, sample, config, full.hardware, timing_only=True)
+    timed = [profile_model(model, sample, config, full.hardware, timing_only=True)
+             for _ in range(config.profile_repeats)]
+    return robust_times(full, timed)
 
 
 def resolve_budget(graph: TrainingGraph, budget: int | str | float) -> int:
-    """Whole-step device bytes for a budget: bytes as given, or a float fraction of the activation peak.
+    """Whole-step device bytes for a budget: bytes as given, or a fraction of the activation peak (see
+    ``memopt.units.parse_budget`` for the forms accepted).
 
     The activation peak is the simulated peak with nothing saved, less the model states.
     """
+    budget = parse_budget(budget)
     if isinstance(budget, float):
-        if not 0.0 < budget <= 1.0:
-            raise ValueError(f"a fractional budget must be in (0, 1], got {budget!r}; pass e.g. 0.5 or '12GiB'")
         from .planners import baseline_plan
 
         peak = baseline_plan(graph, "none").predicted_peak_bytes
         base = graph.resident_bytes
         return int(base + budget * (peak - base))
-    return parse_bytes(budget, what="budget")
+    return budget
 
 
 def plan(graph: TrainingGraph, budget: int | str | float, config: MemoptConfig | None = None) -> Plan:
@@ -110,20 +103,14 @@ def policy_for(decision: Decision) -> UnitPolicy:
 class Handle:
     """A model with a plan applied. ``remove()`` restores it exactly."""
 
-    def __init__(self, model: nn.Module, plan: Plan, config: MemoptConfig, graph: TrainingGraph | None) -> None:
+    def __init__(self, model: nn.Module, plan: Plan, config: MemoptConfig, graph: TrainingGraph | None,
+                 announce: bool = True) -> None:
         self.model, self.plan, self.config, self.graph = model, plan, config, graph
-        units = select_units(model, config.units)
-        names = [name for name, _ in units]
-        planned = [d.unit for d in plan.decisions]
-        if names != planned:
-            raise ValueError(
-                f"the plan is for units {planned[:4]}... but the model's units are {names[:4]}...; make the plan "
-                "for this model (memopt.profile + memopt.plan) with the same MemoptConfig(units=...)"
-            )
+        units = units_for_plan(model, [d.unit for d in plan.decisions])
         host_bytes = int(plan.host_bytes * 1.1) + (1 << 20) if plan.host_bytes else 0
         self._runtime = Runtime(model, units, [policy_for(d) for d in plan.decisions],
                                 host_capacity_bytes=host_bytes, lookahead=config.lookahead,
-                                on_shape_change=config.on_shape_change)
+                                on_shape_change=config.on_shape_change, announce=announce)
         self._runtime.install()
         self._applied_at = time.perf_counter()
         model._memopt_handle = self
@@ -150,11 +137,24 @@ class Handle:
         return "\n".join(lines)
 
     def replan(self, sample: Any, budget: int | str | float | None = None) -> Plan:
-        """Profile again on ``sample`` (e.g. a batch of a new shape) and apply the new plan."""
+        """Profile again on ``sample`` (e.g. a batch of a new shape) and apply the new plan.
+
+        Raises:
+            memopt.BudgetError: no plan fits; the current plan stays applied, as does any other error.
+        """
         budget = self.plan.budget_spec if budget is None else budget
+        parse_budget(budget)
         model, config = self.model, self.config
+        old_plan, old_graph = self.plan, self.graph
         self.remove()
-        handle = optimize(model, sample, budget, config)
+        try:
+            handle = optimize(model, sample, budget, config)
+        except BaseException:
+            # Profiling needs the model bare; put the plan that ran before back exactly as it was applied.
+            handle = Handle(model, old_plan, config, old_graph, announce=False)
+            self.__dict__.update(handle.__dict__)
+            model._memopt_handle = self
+            raise
         self.__dict__.update(handle.__dict__)
         model._memopt_handle = self
         return self.plan
@@ -219,6 +219,7 @@ def optimize(model: nn.Module, sample: Any, budget: int | str | float,
         >>> handle.remove()
     """
     _check_not_applied(model)
+    parse_budget(budget)
     config = config or MemoptConfig()
     graph = profile(model, sample, config)
     solved = plan(graph, budget, config)

@@ -30,7 +30,11 @@ class MemoptConfig:
         mip_gap (float, default 0.005): relative MIP gap at which the solver stops.
         host_budget (int | str | None, default None): host bytes swapped activations may use; None
             means half the host's available memory.
-        profile_repeats (int, default 1): profiled steps; each time in the graph is the median over them.
+        profile_repeats (int, default 3): timing-only profiled steps after the full one (which measures the
+            bytes and warms up): each unit's time is the median over them, pooled over identical blocks
+            (``memopt.timing``).
+        profile_warmup (int, default 1): timing-only steps run before those and discarded (the first step
+            without the meter runs other code paths than the full one).
         on_shape_change (str, default "recompute"): what a batch of another shape than the profiled
             one gets. ``"recompute"`` recomputes every unit whose plan depends on shapes (token-wise
             units) and warns once: always exact, may cost time. ``"error"`` raises.
@@ -49,7 +53,8 @@ class MemoptConfig:
     time_limit_s: float = 10.0
     mip_gap: float = 0.005
     host_budget: int | str | None = None
-    profile_repeats: int = 1
+    profile_repeats: int = 3
+    profile_warmup: int = 1
     on_shape_change: str = "recompute"
     allow_swap: bool = True
     allow_recompute: bool = True
@@ -74,6 +79,8 @@ class MemoptConfig:
             self.host_budget = parse_bytes(self.host_budget, what="host_budget")
         if not isinstance(self.profile_repeats, int) or self.profile_repeats < 1:
             raise ValueError(f"profile_repeats must be an int >= 1, got {self.profile_repeats!r}")
+        if not isinstance(self.profile_warmup, int) or self.profile_warmup < 0:
+            raise ValueError(f"profile_warmup must be an int >= 0, got {self.profile_warmup!r}")
         if self.on_shape_change not in _SHAPE_POLICIES:
             raise ValueError(f"on_shape_change must be one of {_SHAPE_POLICIES}, got {self.on_shape_change!r}")
         if not self.optimizer_states_per_param >= 0:

@@ -1,14 +1,17 @@
 """``memopt demo``: the whole pipeline on a small built-in model, with before/after figures.
 
-Profiles a ``TinyGPT`` training step, plans it for a few budgets, trains a few steps under each plan,
-and prints, per budget: the plan's mix of decisions, predicted and measured activation peak, the step
-time against no saving, and whether the parameters match training without memopt bit for bit.
+Profiles a ``TinyGPT`` training step once (a warm-up and three profiled steps, see ``memopt.timing``), plans
+it for a few budgets, applies each plan to its own copy of the model and trains all copies on the same
+batches, one step of each per round so that machine noise hits every run alike. It prints, per budget: the
+plan's mix of decisions, predicted and measured activation peak, the step time against no saving (median of
+the timed rounds), and whether the parameters match training without memopt bit for bit.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 import torch
 
@@ -41,37 +44,46 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _run(model, batches, device) -> tuple[list[torch.Tensor], float, int]:
-    """Train over batches; returns final params, median step seconds and peak activation bytes.
+class _Run:
+    """One model trained on the demo's batches: the reference, or a copy under a plan."""
 
-    The first step runs under the memory meter (which slows it down) and is not timed; the others are
-    timed without it.
-    """
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    times, peak = [], 0
-    for step, batch in enumerate(batches):
-        opt.zero_grad(set_to_none=False)
-        if step == 0:
+    def __init__(self, name: str, model, handle=None, mix: str = "-", predicted: str = "-", note: str = "") -> None:
+        self.name, self.model, self.handle, self.mix, self.predicted, self.note = name, model, handle, mix, predicted, note
+        self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        self.times: list[float] = []
+        self.peak = 0
+
+    def step(self, batch, device: torch.device, metered: bool) -> None:
+        """One training step; the metered one (the first) is not timed: the meter slows it down."""
+        self.opt.zero_grad(set_to_none=False)
+        if metered:
             with MemoryMeter() as meter:
-                model(batch).backward()
-            peak = meter.peak_bytes
+                self.model(batch).backward()
+            self.peak = meter.peak_bytes
         else:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            _sync(device)
             start = time.perf_counter()
-            model(batch).backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        opt.step()
-    return snapshot(model), sorted(times)[len(times) // 2], peak
+            self.model(batch).backward()
+            _sync(device)
+            self.times.append(time.perf_counter() - start)
+        self.opt.step()
+
+    @property
+    def step_s(self) -> float:
+        return sorted(self.times)[len(self.times) // 2]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns 0 when every plan trained bit-exactly within its budget."""
     import memopt
+    from memopt.planners import baseline_plan
 
     args = _parse(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -86,55 +98,64 @@ def main(argv: list[str] | None = None) -> int:
     print(f"memopt {memopt.__version__} demo: TinyGPT {args.layers} layers x {args.hidden} hidden, "
           f"batch {args.batch} x {args.seq} tokens, {args.steps} SGD steps per run, on {device}")
 
-    reference, base_s, base_peak = _run(make_model(), batches, device)
-    rows = [("none (no memopt)", "-", "-", base_peak, base_s, True, "")]
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="memopt: the .* profiled steps took")  # printed below as a note
+        graph = memopt.profile(make_model(), batches[0])
+    profile_s = time.perf_counter() - start
+    runs = [_Run("none (no memopt)", make_model())]
     ckpt = make_model()
-    handle = memopt.apply(ckpt, _recompute_all_plan(ckpt, batches[0]))
-    params, ckpt_s, ckpt_peak = _run(ckpt, batches, device)
-    handle.remove()
-    rows.append(("recompute every layer", "-", "-", ckpt_peak, ckpt_s, max_difference(reference, params) == 0.0, ""))
-
-    ok = rows[-1][5]
-    # On a GPU, swapping to host memory frees device memory; on a CPU the "host" is the same RAM, so the
-    # recompute-only plans are the ones that save memory a CPU run can feel. Both are shown.
-    variants = [("", MemoptConfig()), (" recompute", MemoptConfig(allow_swap=False))]
+    runs.append(_Run("recompute every layer", ckpt, memopt.apply(ckpt, baseline_plan(graph, "checkpoint-all"))))
+    # On a GPU, swapping to host memory frees device memory, and plans with and without it are shown. On a
+    # CPU the "host" is the same memory, so the planner never swaps there: one plan per budget.
+    variants = [("", MemoptConfig())]
+    if not graph.hardware.unified_memory:
+        variants.append((" recompute", MemoptConfig(allow_swap=False)))
+    infeasible = []
     for budget in args.budgets:
         for suffix, config in variants:
-            model = make_model()
             name = f"memopt {budget:.0%}{suffix}"
             start = time.perf_counter()
             try:
-                handle = memopt.optimize(model, batches[0], budget, config)
+                plan = memopt.plan(graph, budget, config)
             except memopt.BudgetError as error:
-                rows.append((name, "infeasible", "-", 0, 0.0, True, str(error).split(";")[0]))
+                infeasible.append((len(runs), name, str(error).split(";")[0].split(". To fit")[0]))
                 continue
-            plan_s = time.perf_counter() - start
-            plan = handle.plan
-            params, step_s, peak = _run(model, batches, device)
-            handle.remove()
-            exact = max_difference(reference, params) == 0.0
+            model = make_model()
             mix = ", ".join(f"{n} {m}" for m, n in _count(d.mode for d in plan.decisions))
-            predicted = plan.predicted_peak_bytes - _resident_bytes(handle)
-            rows.append((name, mix, format_bytes(predicted), peak, step_s, exact, f"planned in {plan_s:.2f} s"))
-            ok = ok and exact
+            predicted = format_bytes(plan.predicted_peak_bytes - graph.resident_bytes)
+            runs.append(_Run(name, model, memopt.apply(model, plan, config, graph), mix, predicted,
+                             f"planned in {time.perf_counter() - start:.2f} s"))
 
+    for step, batch in enumerate(batches):
+        for run in runs:
+            run.step(batch, device, metered=step == 0)
+    reference = snapshot(runs[0].model)
+    exact = [max_difference(reference, snapshot(run.model)) == 0.0 for run in runs]
+    for run in runs:
+        if run.handle is not None:
+            run.handle.remove()
+
+    print(f"profiled once in {profile_s:.1f} s ({graph.meta.get('profiled_steps', 1)} timed steps); step times are "
+          f"medians of {args.steps - 1} rounds, every run one step per round")
+    if graph.hardware.unified_memory:
+        print("on a CPU host memory is the device memory: swapping would save nothing, so plans only recompute")
+    if graph.meta.get("timing_note"):
+        print(f"note: {graph.meta['timing_note']}")
     print()
-    width = max([32] + [len(row[1]) for row in rows])  # the plan column fits its longest mix of modes
+    base_s = runs[0].step_s
+    width = max([32] + [len(run.mix) for run in runs])  # the plan column fits its longest mix of modes
     print(f"{'run':<24} {'plan':<{width}} {'predicted':>11} {'measured peak':>14} {'step':>9} {'x none':>7}  exact")
-    for name, mix, predicted, peak, step_s, exact, note in rows:
-        if mix == "infeasible":
-            print(f"{name:<24} {note}")
-            continue
-        print(f"{name:<24} {mix:<{width}} {predicted:>11} {format_bytes(peak):>14} {step_s * 1e3:>7.0f}ms"
-              f" {step_s / base_s:>7.2f}  {'yes' if exact else 'NO'}  {note}")
+    lines = []
+    for run, same in zip(runs, exact):
+        lines.append(f"{run.name:<24} {run.mix:<{width}} {run.predicted:>11} {format_bytes(run.peak):>14} "
+                     f"{run.step_s * 1e3:>7.0f}ms {run.step_s / base_s:>7.2f}  {'yes' if same else 'NO'}  {run.note}")
+    for position, name, message in reversed(infeasible):
+        lines.insert(position, f"{name:<24} {message}")
+    print("\n".join(lines))
     print("\nmeasured peak: activation bytes alive during the step (memopt.meter.MemoryMeter);"
           " exact: parameters after training equal the run without memopt bit for bit.")
-    return 0 if ok else 1
-
-
-def _resident_bytes(handle) -> int:
-    graph = handle.graph
-    return graph.resident_bytes if graph is not None else 0
+    return 0 if all(exact) else 1
 
 
 def _count(items) -> list[tuple[str, int]]:
@@ -142,13 +163,6 @@ def _count(items) -> list[tuple[str, int]]:
     for item in items:
         counts[item] = counts.get(item, 0) + 1
     return sorted(counts.items())
-
-
-def _recompute_all_plan(model, sample):
-    import memopt
-    from memopt.planners import baseline_plan
-
-    return baseline_plan(memopt.profile(model, sample), "checkpoint-all")
 
 
 if __name__ == "__main__":

@@ -265,14 +265,33 @@ class Plan:
         return self.predicted_step_s / self.baseline_step_s if self.baseline_step_s > 0 else 1.0
 
     def summary(self) -> str:
-        """The table the CLI prints: one row per unit, then the totals."""
+        """The table the CLI prints: one row per unit, then the totals.
+
+        Budget and peaks include the model states (parameters, gradients, optimizer state and any ZeRO-3
+        gathered parameters); where ``graph_meta["resident_bytes"]`` says how many bytes those are, each
+        figure is split into them plus the activations.
+        """
         rows = [f"{'unit':<32} {'mode':<10} {'keep':>6} {'swap':>6} {'recomp':>6}"]
         for d in self.decisions:
             rows.append(f"{d.unit[-32:]:<32} {d.mode:<10} {d.keep:>6.2f} {d.swap:>6.2f} {d.recompute:>6.2f}")
+        resident = self.graph_meta.get("resident_bytes")
+        known = isinstance(resident, int) and not isinstance(resident, bool) and resident >= 0
+
+        def split(total: int) -> str:
+            if not known:
+                return format_bytes(total)
+            return (f"{format_bytes(total)} = {format_bytes(resident)} states + {format_bytes(total - resident)} "
+                    "activations")
+
         rows.append("")
-        rows.append(f"budget          {format_bytes(self.budget_bytes)} (given as {self.budget_spec!r})")
-        rows.append(f"predicted peak  {format_bytes(self.predicted_peak_bytes)}"
-                    f" (nothing saved: {format_bytes(self.baseline_peak_bytes)})")
+        if known:
+            rows.append(f"model states    {format_bytes(resident)} on the device all step (parameters, gradients, "
+                        "optimizer)")
+        else:
+            rows.append("model states    included in budget and peaks below (their size was not recorded)")
+        rows.append(f"budget          {split(self.budget_bytes)} (given as {self.budget_spec!r})")
+        rows.append(f"predicted peak  {split(self.predicted_peak_bytes)}")
+        rows.append(f"nothing saved   {split(self.baseline_peak_bytes)}")
         rows.append(f"predicted step  {self.predicted_step_s * 1e3:.2f} ms = {self.overhead:.3f}x nothing saved")
         rows.append(f"host memory     {format_bytes(self.host_bytes)}")
         rows.append(f"solver          {self.solver} {self.status}, gap {self.gap:.2%}, {self.solve_time_s:.2f} s")

@@ -9,6 +9,7 @@ model's modes are as they were.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 import time
@@ -21,11 +22,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ._storages import StorageMap
-from .blocks import select_units
+from ._warn import warn
+from .blocks import call_name, select_units, split_name
 from .config import MemoptConfig
 from .graph import TrainingGraph, Unit
 from .hardware import Hardware
 from .meter import MemoryMeter
+from .runtime.caches import copy_caches
 from .runtime.engine import UnitPolicy, row_input_shape
 from .runtime.hooks import Runtime
 from .runtime.selective import is_expensive
@@ -49,6 +52,10 @@ def compute_loss(output, sample, config: MemoptConfig) -> torch.Tensor:
         loss = output.get("loss")
     if loss is None and config.loss_fn is not None:
         loss = config.loss_fn(output, sample)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"memopt: MemoptConfig.loss_fn returned {shape}; it must return a scalar tensor "
+                             "(reduce it, e.g. with .mean() or .sum())")
     if loss is None and isinstance(output, torch.Tensor) and output.dim() == 0:
         loss = output
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
@@ -78,6 +85,7 @@ class _UnitRecord:
     backward_start_s: float = 0.0
     expensive_bytes: int = 0
     expensive_s: float = 0.0
+    order: int | None = None  # place of the unit's first call among the step's unit calls
 
 
 class _ExpensiveOps(TorchDispatchMode):
@@ -112,11 +120,13 @@ class _Recorder:
     def __init__(self, meter: MemoryMeter, names: list[str], config: MemoptConfig, device: torch.device,
                  clock: Callable[[], float] | None = None) -> None:
         self.meter, self.names, self.config, self.device = meter, names, config, device
+        self.timing_only = False
         self.clock = clock or time.perf_counter
         # A modelled clock (fake profile) advances only with the ops it costs, so the runtime's wall-clock
         # recompute seconds are replaced by the clock's reading since the unit's backward began.
         self.modelled_clock = clock is not None
         self.records = [_UnitRecord() for _ in names]
+        self.calls = 0  # unit forwards so far: a record's ``order`` is its first call's place among them
         self.input_owner: dict[int, tuple[int, int, bool]] = {}  # input storage -> (first unit, bytes, made by the step)
         self.shared_inputs: set[int] = set()
         self.shared_input_bytes = 0
@@ -128,9 +138,19 @@ class _Recorder:
         self.current_backward: int | None = None
         self.first_backward_s: float | None = None
         for index, name in enumerate(names):
-            for pattern, value in config.token_separable.items():
-                if fnmatch.fnmatchcase(name, pattern):
-                    self.records[index].declared = bool(value)
+            self.records[index].declared = self._declared(name)
+
+    def _declared(self, name: str) -> bool | None:
+        path = split_name(name)[0]
+        for pattern, value in self.config.token_separable.items():
+            if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(path, pattern):
+                return bool(value)
+        return None
+
+    def add_unit(self, name: str) -> None:
+        """A further call of a unit's module in the step: a unit of its own (the runtime named it)."""
+        self.names.append(name)
+        self.records.append(_UnitRecord(declared=self._declared(name)))
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -138,6 +158,9 @@ class _Recorder:
 
     def before_forward(self, index, args, kwargs) -> None:
         rec = self.records[index]
+        if rec.order is None:
+            rec.order = self.calls
+        self.calls += 1
         for leaf in tree_leaves((args, kwargs)):
             if isinstance(leaf, torch.Tensor):
                 key = leaf.untyped_storage()._cdata
@@ -162,7 +185,9 @@ class _Recorder:
         self.meter.reset_window()
         self.forward_t0 = self.clock()
 
-    def forward_context(self, index: int) -> _ExpensiveOps:
+    def forward_context(self, index: int):
+        if self.timing_only:
+            return contextlib.nullcontext()
         rec = self.records[index]
         rec.expensive_bytes, rec.expensive_s = 0, 0.0
         return _ExpensiveOps(rec, self.clock, self.sync)
@@ -178,7 +203,7 @@ class _Recorder:
             if isinstance(leaf, torch.Tensor) and leaf.untyped_storage()._cdata not in seen:
                 seen.add(leaf.untyped_storage()._cdata)
                 rec.output_bytes += leaf.untyped_storage().nbytes()
-        if rec.declared is not False and (self.config.probe_separable or rec.declared):
+        if not self.timing_only and rec.declared is not False and (self.config.probe_separable or rec.declared):
             rec.probe = self._probe(args, kwargs, out, forward)
         self.fixed_at_last_forward = self.fixed_bytes
         self.meter.reset_window()
@@ -331,7 +356,8 @@ def _param_bytes(model: nn.Module) -> tuple[int, int]:
 
 
 def profile_model(model: nn.Module, sample, config: MemoptConfig | None = None,
-                  hardware: Hardware | None = None, clock: Callable[[], float] | None = None) -> TrainingGraph:
+                  hardware: Hardware | None = None, clock: Callable[[], float] | None = None, *,
+                  timing_only: bool = False) -> TrainingGraph:
     """Profile one training step of ``model`` on ``sample`` in safe mode.
 
     Args:
@@ -341,6 +367,10 @@ def profile_model(model: nn.Module, sample, config: MemoptConfig | None = None,
         hardware (Hardware | None): figures for the planner; measured on the model's device when None.
         clock (Callable[[], float] | None): seconds source for every time measured; None is
             ``time.perf_counter``. The fake profile passes a roofline model's clock.
+        timing_only (bool, default False): time the step without the memory meter, the expensive-op
+            recorder and the separability probe, whose Python work per op would inflate every time; the
+            graph's bytes are then meaningless (``memopt.timing.robust_times`` takes them from a full
+            profile).
 
     Returns:
         TrainingGraph: the measured step.
@@ -348,9 +378,12 @@ def profile_model(model: nn.Module, sample, config: MemoptConfig | None = None,
     config = config or MemoptConfig()
     if getattr(model, "_memopt_handle", None) is not None:
         raise RuntimeError("memopt: this model is already optimized; call handle.remove() before profiling it again")
-    units = select_units(model, config.units)
+    sample = copy_caches(sample)  # a forward appends to a cache it is given: the caller's stays as it was
+    _check_model(model, warn_eval=not timing_only)
+    units = select_units(model, config.units, calls=lambda: _count_calls(model, sample))
     names = [name for name, _ in units]
     runtime = Runtime(model, units, [UnitPolicy("recompute")] * len(units))
+    runtime.grow = True
     device = runtime.device
     if hardware is None:
         hardware = Hardware.measure(str(device))
@@ -364,6 +397,7 @@ def profile_model(model: nn.Module, sample, config: MemoptConfig | None = None,
     fixed_seen = StorageMap()
     meter = MemoryMeter()
     recorder = _Recorder(meter, names, config, device, clock)
+    recorder.timing_only = timing_only
 
     def pack_outside(tensor):
         storage = tensor.untyped_storage()
@@ -376,11 +410,17 @@ def profile_model(model: nn.Module, sample, config: MemoptConfig | None = None,
     runtime.recorder = recorder
     runtime.install()
     try:
-        with meter, torch.autograd.graph.saved_tensors_hooks(pack_outside, lambda t: t):
+        with meter if not timing_only else contextlib.nullcontext(), \
+                torch.autograd.graph.saved_tensors_hooks(pack_outside, lambda t: t):
             recorder.sync()
             t0 = recorder.clock()
-            output = run_model(model, sample)
+            output = _first_call(model, sample)
             loss = compute_loss(output, sample, config)
+            if not loss.requires_grad:
+                raise ValueError(
+                    "memopt: the loss does not require grad, so a training step has no backward to plan: "
+                    f"{'no parameter of the model requires grad' if not params else 'it does not depend on the trainable parameters'}; "
+                    "unfreeze what should train (requires_grad_(True)) before memopt.optimize")
             recorder.sync()
             t_forward_end = recorder.clock()
             del output
@@ -390,6 +430,7 @@ def profile_model(model: nn.Module, sample, config: MemoptConfig | None = None,
             recorder.close_backward(t_end)
             del loss
     finally:
+        units = list(runtime.units)
         runtime.remove()
         runtime.close()
         for p in params:
@@ -401,13 +442,19 @@ def profile_model(model: nn.Module, sample, config: MemoptConfig | None = None,
         if cuda_rng is not None:
             torch.cuda.set_rng_state(cuda_rng, device)
 
+    units = _in_call_order(recorder, units)
+    names = [name for name, _ in units]
     fixed, head_workspace, workspaces = recorder.workspaces()
     graph_units = []
+    grads_counted: set[int] = set()
     for name, (_, module), rec, (fwd_ws, bwd_ws, ckpt_ws) in zip(names, units, recorder.records, workspaces):
         rows = rec.probe[2] if rec.probe else 0
         dims = _token_dims(rec.shapes, rec.probe, rows) if rec.probe else None
         separable = dims is not None and (rec.declared is True or (rec.declared is None and rec.probe[0]))
-        grad_bytes = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+        # A shared module's gradients exist once: counted with its first call.
+        grad_bytes = 0 if id(module) in grads_counted else sum(
+            p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+        grads_counted.add(id(module))
         graph_units.append(Unit(
             name=name,
             forward_s=min(rec.forward_s) if rec.forward_s else 0.0,
@@ -444,6 +491,67 @@ def profile_model(model: nn.Module, sample, config: MemoptConfig | None = None,
               "sample": _describe(sample), "peak_activation_bytes_safe_mode": meter.peak_bytes,
               "first_backward_s": first_backward - t0},
     )
+
+
+def _in_call_order(recorder: _Recorder, units: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """Sort the recorder's records and the units by first call (units never called last), and name the calls
+    of a module called several times ``path#0``, ``path#1``, ..."""
+    records = recorder.records
+    order = sorted(range(len(records)), key=lambda i: (records[i].order is None, records[i].order or 0, i))
+    recorder.records = [records[i] for i in order]
+    units = [units[i] for i in order]
+    repeated = {split_name(name)[0] for name, _ in units if split_name(name)[1] is not None}
+    return [(call_name(name, 0) if name in repeated else name, module) for name, module in units]
+
+
+def _count_calls(model: nn.Module, sample) -> dict[str, int]:
+    """Calls of each module (by path) in one forward on ``sample``, without gradients; leaves no trace."""
+    counts: dict[str, int] = {}
+    hooks = [module.register_forward_pre_hook(lambda *_, name=name: counts.__setitem__(name, counts.get(name, 0) + 1))
+             for name, module in model.named_modules() if name]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    device = _model_device_of(model)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type), \
+                torch.no_grad():
+            _first_call(model, sample)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+    return counts
+
+
+def _model_device_of(model: nn.Module) -> torch.device:
+    return next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
+
+
+def _check_model(model: nn.Module, warn_eval: bool) -> None:
+    """Refuse models a training step cannot run on, and warn about an eval-mode profile."""
+    meta = next((name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta), None)
+    if meta is not None:
+        raise ValueError(
+            f"memopt: {type(model).__name__} is on the meta device ({meta!r} has no data), so no step can run; load "
+            "its weights first, or plan it without them: memopt plan CONFIG --seq N (memopt.fake_profile)")
+    if warn_eval and not model.training:
+        warn(
+            f"memopt: {type(model).__name__} is in eval mode, so dropout is off in the profiled step; call "
+            "model.train() before memopt.optimize if it trains in train mode")
+
+
+def _first_call(model: nn.Module, sample):
+    """``run_model``, with the way a sample is passed named when the model cannot take it."""
+    try:
+        return run_model(model, sample)
+    except TypeError as exc:
+        how = ("model(**sample)" if isinstance(sample, dict) else "model(*sample)"
+               if isinstance(sample, (tuple, list)) else "model(sample)")
+        raise TypeError(
+            f"memopt: calling the model on the sample as {how} failed: {exc}. Pass exactly the model's inputs: a "
+            "tensor, a tuple of positional inputs or a dict of keyword inputs; targets the model does not take "
+            "go to MemoptConfig(loss_fn=lambda output, sample: ...), which receives the whole sample") from exc
 
 
 def _describe(sample) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["HF_FAMILIES", "TinyConvNet", "TinyGPT", "TinyMLP", "hf_causal_lm", "hf_sample", "max_difference", "snapshot", "train"]
+__all__ = ["HF_FAMILIES", "TinyConvNet", "TinyGPT", "TinyMLP", "hf_causal_lm", "hf_sample", "max_difference", "metered_loop",
+           "snapshot", "train"]
 
 
 class TinyMLP(nn.Module):
@@ -105,7 +106,9 @@ HF_FAMILIES = {
 
 
 def hf_causal_lm(family: str, seed: int = 0, attn_implementation: str = "eager", **overrides) -> nn.Module:
-    """A tiny Hugging Face causal LM of one family (needs ``transformers``), in train mode."""
+    """A tiny Hugging Face causal LM of one family (needs ``transformers``), in train mode, built exactly as its
+    config builds it (``use_cache`` and every other default as the config has them) but for ``overrides`` and
+    the attention implementation."""
     import transformers
 
     if family not in HF_FAMILIES:
@@ -113,7 +116,6 @@ def hf_causal_lm(family: str, seed: int = 0, attn_implementation: str = "eager",
     config_name, kwargs = HF_FAMILIES[family]
     config = getattr(transformers, config_name)(**{**kwargs, **overrides})
     config._attn_implementation = attn_implementation
-    config.use_cache = False
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
     return model.train()
@@ -138,6 +140,28 @@ def train(model: nn.Module, batches: list, config=None, lr: float = 0.05) -> lis
         compute_loss(run_model(model, batch), batch, config).backward()
         opt.step()
     return snapshot(model)
+
+
+def metered_loop(model: nn.Module, batches: list[dict], lr: float = 1e-3) -> tuple[list[torch.Tensor], int]:
+    """A plain Hugging Face training loop, ``model(**batch).loss.backward()`` with AdamW, each step under the
+    memory meter and after ``torch.manual_seed(step)`` (so dropout draws alike in every run).
+
+    Returns:
+        tuple[list[torch.Tensor], int]: ``snapshot(model)`` after the last step, and the largest metered peak
+        of activation bytes over the steps.
+    """
+    from .meter import MemoryMeter
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    peak = 0
+    for step, batch in enumerate(batches):
+        torch.manual_seed(step)
+        with MemoryMeter() as meter:
+            model(**batch).loss.backward()
+        peak = max(peak, meter.peak_bytes)
+        opt.step()
+        opt.zero_grad()
+    return snapshot(model), peak
 
 
 def snapshot(model: nn.Module) -> list[torch.Tensor]:

@@ -52,8 +52,8 @@ def test_budget_error_when_model_states_alone_exceed_budget():
 
 
 @pytest.mark.parametrize("budget, message", [
-    (-5, "positive"), (0, "positive"), ("twelve gigs", "byte count"), (1.5, r"\(0, 1\]"), (0.0, r"\(0, 1\]"),
-    ([1], "int or a string"),
+    (-5, "positive"), (0, "positive"), ("twelve gigs", "byte count"), (1.5, r"neither a fraction in \(0, 1\]"),
+    ("1.5", r"neither a fraction in \(0, 1\]"), (0.0, "positive"), (float("nan"), "positive"), ([1], "int or a string"),
 ])
 def test_bad_budgets_are_rejected_with_the_value(budget, message):
     model = _mlp()
@@ -115,6 +115,35 @@ def test_other_batch_shape_falls_back_to_exact_recompute_and_replan_adapts():
     assert max_difference(train(_mlp(), other), got) == 0.0
 
 
+@pytest.mark.parametrize("written, meant", [
+    ("0.5", 0.5), ("0.25", 0.25), (12e9, 12_000_000_000), ("1e9", 1_000_000_000), ("12GiB", 12 << 30), (4096, 4096),
+])
+def test_budgets_as_users_write_them(written, meant):
+    """A fraction written as a string (a command line, a JSON config) is a fraction; a whole float (JSON's 12e9)
+    is bytes."""
+    graph = memopt.profile(_mlp(), _x())
+    assert memopt.api.resolve_budget(graph, written) == memopt.api.resolve_budget(graph, meant)
+    if written == "0.5":
+        assert memopt.plan(graph, written).budget_bytes == memopt.plan(graph, meant).budget_bytes
+
+
+def test_a_failed_replan_leaves_the_running_plan_in_place():
+    model = _mlp()
+    handle = memopt.optimize(model, _x(), 0.5, memopt.MemoptConfig(allow_swap=False))
+    before = handle.plan
+    with pytest.raises(memopt.BudgetError):
+        handle.replan(_x(rows=192), budget=1024)
+    assert handle.active and handle.plan is before and model._memopt_handle is handle
+    assert all("forward" in block.__dict__ for block in model.blocks)
+    got = train(model, [_x(1), _x(2)])
+    assert handle.stats()["recomputes"] > 0, "the old plan still runs"
+    with pytest.raises(ValueError, match="budget"):
+        handle.replan(_x(), budget="lots")
+    assert handle.active and handle.plan is before
+    handle.remove()
+    assert max_difference(train(_mlp(), [_x(1), _x(2)]), got) == 0.0
+
+
 def test_shape_change_can_be_an_error():
     model = _mlp()
     handle = memopt.optimize(model, _x(), 0.5, memopt.MemoptConfig(allow_swap=False, on_shape_change="error"))
@@ -168,7 +197,7 @@ class _TiedModel(nn.Module):
     (_TiedModel, lambda: torch.randint(0, 50, (2, 64)),
      lambda out, ids: nn.functional.cross_entropy(out["logits"].flatten(0, 1), ids.flatten())),
 ])
-@pytest.mark.parametrize("budget", [0.7, 0.4])
+@pytest.mark.parametrize("budget", [0.75, 0.55])
 def test_tuple_dict_outputs_and_tied_weights(factory, sample, loss_fn, budget):
     torch.manual_seed(3)
     batches = [sample() for _ in range(3)]
@@ -289,3 +318,49 @@ def test_retain_graph_twice_with_selective_recompute():
     got = grads_twice(model)
     handle.remove()
     assert all(torch.equal(a, b) for a, b in zip(reference, got))
+
+
+class _Plain(nn.Module):
+    """Residual MLP blocks returning the hidden states (no loss of its own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = _mlp().blocks
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def _frozen():
+    model = _mlp()
+    model.requires_grad_(False)
+    return model
+
+
+def _meta():
+    with torch.device("meta"):
+        return TinyMLP(depth=6)
+
+
+@pytest.mark.parametrize("make, sample, config, error, message", [
+    (_frozen, _x, {}, ValueError, "no parameter of the model requires grad"),
+    (_meta, _x, {}, ValueError, "meta device .* memopt plan"),
+    (_Plain, _x, {"loss_fn": lambda output, sample: output}, ValueError,
+     r"loss_fn returned a tensor of shape \(2, 256, 64\); it must return a scalar"),
+    (_mlp, lambda: (_x(), torch.zeros(2)), {}, TypeError, r"as model\(\*sample\) failed.*loss_fn"),
+], ids=["frozen", "meta", "non-scalar-loss_fn", "sample-with-targets"])
+def test_user_mistakes_get_memopt_errors_and_leave_the_model_bare(make, sample, config, error, message):
+    model = make()
+    with pytest.raises(error, match=message):
+        memopt.optimize(model, sample(), 0.5, memopt.MemoptConfig(**config))
+    assert not hasattr(model, "_memopt_handle")
+    assert all("forward" not in m.__dict__ and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_an_eval_mode_model_is_profiled_with_a_warning_at_the_callers_line():
+    model = _mlp().eval()
+    with pytest.warns(UserWarning, match="eval mode, so dropout is off") as caught:
+        memopt.optimize(model, _x(), 0.5).remove()
+    assert [w.filename for w in caught if "eval mode" in str(w.message)] == [__file__]

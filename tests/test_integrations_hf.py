@@ -72,12 +72,21 @@ def test_trainer_with_peft_lora_is_exact(tmp_path):
 def test_trainer_gradient_checkpointing_is_replaced_then_restored(tmp_path):
     from memopt.integrations.hf import MemoptCallback
 
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            seen.append(model.is_activation_checkpointing)
+
+    reference, _ = _train(tmp_path / "ref", [], gradient_checkpointing=True)
     callback = MemoptCallback(0.5)
     with pytest.warns(UserWarning, match="gradient checkpointing is turned off"):
-        model, _ = _train(tmp_path, [callback], gradient_checkpointing=True)
-    from memopt.integrations.hf import _checkpointing_on
-
-    assert _checkpointing_on(model)
+        model, _ = _train(tmp_path / "memopt", [callback, Watch()], gradient_checkpointing=True)
+    assert seen and not any(seen), "memopt's plan, not Hugging Face checkpointing, recomputes during the run"
+    assert model.is_activation_checkpointing, "turned back on when training ends"
+    assert max_difference(snapshot(reference), snapshot(model)) == 0.0
 
 
 def test_bad_budget_is_rejected():

@@ -114,25 +114,3 @@ def test_graph_figures_are_consistent():
     assert [u.input_bytes for u in graph.units[1:]] == [2 * 128 * 64 * 4] * 2
     assert graph.units[0].input_bytes <= graph.units[1].input_bytes  # the first layer's is the embedding output
     assert graph.shared_input_bytes >= 2 * 128 * (64 // 4) * 4
-
-
-def test_repeated_profiles_take_median_times_and_identical_bytes():
-    model, x = TinyMLP(depth=3), torch.randn(2, 128, 64)
-    graph = memopt.profile(model, x, memopt.MemoptConfig(profile_repeats=3))
-    once = memopt.profile(model, x)
-    assert [u.tensor_bytes for u in graph.units] == [u.tensor_bytes for u in once.units]
-    assert all(u.forward_s > 0 and u.backward_s > 0 for u in graph.units)
-
-
-def test_median_times_of_repeated_graphs():
-    import dataclasses
-
-    from memopt.api import _median_times
-    from memopt.planners import random_graph
-
-    base = random_graph(3, seed=0)
-    graphs = [dataclasses.replace(base, units=[dataclasses.replace(u, forward_s=t, backward_s=2 * t) for u in base.units],
-                                  other_forward_s=t) for t in (5.0, 1.0, 3.0)]
-    merged = _median_times(graphs)
-    assert [u.forward_s for u in merged.units] == [3.0] * 3 and [u.backward_s for u in merged.units] == [6.0] * 3
-    assert merged.other_forward_s == 3.0 and merged.units[0].tensor_bytes == base.units[0].tensor_bytes

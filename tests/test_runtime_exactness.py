@@ -46,10 +46,14 @@ CASES = {
 }
 BUDGETS = (0.75, 0.5, 0.25)
 CONFIGS = {"swap+recompute": {}, "recompute-only": {"allow_swap": False}}
+# On a CPU a swap frees nothing (host memory is the device memory), so the planner never swaps there; the
+# swap+recompute plans are made for a GPU's figures (asynchronous copies, memory of its own) and run here.
+GPU = memopt.Hardware.preset("h100")
 
 # Whole-unit recompute holds every unit's input; for this conv net those inputs alone pass 25 % of its
-# activation peak, so no recompute-only plan exists there: the planner must say so.
-INFEASIBLE = {("convnet", 0.25, "recompute-only")}
+# activation peak, so no recompute-only plan exists there, and on a GPU a swap in flight beside the next
+# block's forward does not fit either: the planner must say so.
+INFEASIBLE = {("convnet", 0.25, "recompute-only"), ("convnet", 0.25, "swap+recompute")}
 
 _reference: dict[str, list[torch.Tensor]] = {}
 
@@ -69,13 +73,13 @@ def test_three_steps_bitwise_equal(name, budget, config_name):
     batches = [batch(i) for i in range(3)]
     model = make()
     config = memopt.MemoptConfig(**CONFIGS[config_name])
+    graph = memopt.profile(model, batches[0], config, hardware=GPU if config_name == "swap+recompute" else None)
     if (name, budget, config_name) in INFEASIBLE:
         with pytest.raises(memopt.BudgetError) as info:
-            memopt.optimize(model, batches[0], budget, config)
+            memopt.plan(graph, budget, config)
         assert info.value.min_feasible_bytes > info.value.budget_bytes
-        assert not hasattr(model, "_memopt_handle")
         return
-    handle = memopt.optimize(model, batches[0], budget, config)
+    handle = memopt.apply(model, memopt.plan(graph, budget, config), config, graph)
     modes = {d.mode for d in handle.plan.decisions}
     assert modes != {"keep"}, f"a {budget:.0%} budget must save something, got {modes}"
     got = train(model, batches, config)

@@ -20,6 +20,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from .._storages import StorageMap
+from .caches import CacheSnapshots, changed
 from .selective import ExpensiveOutputs
 from .store import HostEntry
 
@@ -49,6 +50,11 @@ class _Dropped:
 
     def __init__(self, frame: Frame, call: int) -> None:
         self.frame, self.call = frame, call
+
+
+def _describe(tensor: torch.Tensor) -> tuple:
+    """What a recomputed tensor must match: shape, dtype and device (torch.utils.checkpoint checks the same)."""
+    return tuple(tensor.shape), tensor.dtype, tensor.device
 
 
 class _Swapped:
@@ -90,6 +96,7 @@ class Frame:
         self.policy = policy
         self.forward = forward
         self.calls = 0
+        self.dropped: dict[int, tuple] = {}  # pack call -> (shape, dtype, device) of each tensor dropped
         self.storage_index = StorageMap()  # storage -> its index among the distinct storages saved
         self.distinct = 0
         self.entries: dict[int, object] = {}
@@ -101,8 +108,10 @@ class Frame:
         self.args = self.kwargs = None
         self.drop_input = None
         self.recorded: list | None = None  # expensive ops' outputs, for a selective replay
+        self.caches: CacheSnapshots | None = None
         if mode in ("recompute", "selective"):
             self.args, self.kwargs = args, kwargs
+            self.caches = CacheSnapshots(args, kwargs) or None
         elif mode == "tokenwise":
             x = args[0]
             dropped = policy.rows - policy.keep_rows - policy.swap_rows
@@ -132,6 +141,7 @@ class Frame:
             self.storage_index.add(storage, index)
         mode = self.policy.mode
         if mode in ("recompute", "selective"):
+            self.dropped[call] = _describe(tensor)
             return _Dropped(self, call)
         if mode == "swap":
             if index not in self.policy.swap_tensors:
@@ -217,7 +227,15 @@ class Frame:
             if self.drop_input is not None:
                 if self.recomputed is None:
                     self.recomputed = self._recompute_rows()
-                parts.append(self.recomputed.pop(handle.storage))
+                rebuilt = self.recomputed.pop(handle.storage)
+                if parts and (rebuilt.shape[1:], rebuilt.dtype, rebuilt.device) != \
+                        (parts[0].shape[1:], parts[0].dtype, parts[0].device):
+                    raise RuntimeError(
+                        f"memopt: the token-wise recompute of unit {self.runtime.unit_names[self.unit_index]!r} gave "
+                        f"rows of saved tensor #{handle.storage} (among its distinct tensors) {_show(_describe(rebuilt))},"
+                        f" the forward's rows {_show(_describe(parts[0]))}; declare the unit not token-separable: "
+                        "MemoptConfig(token_separable={name: False})")
+                parts.append(rebuilt)
             # The parts go as soon as the full tensor exists: the unit never holds both.
             self.entries[handle.storage] = None
             full = torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -265,6 +283,10 @@ class Frame:
 
         device = self.runtime.device
         devices = [device] if self.cuda_rng is not None else []
+        versions = []
+        if self.caches is not None:
+            versions = self.caches.versions()
+            args, kwargs = self.caches.replay_arguments(args, kwargs)
         # A recompute must not update running statistics (BatchNorm) a second time.
         module = self.runtime.units[self.unit_index][1]
         buffers = [(b, b.detach().clone()) for b in module.buffers()]
@@ -273,7 +295,8 @@ class Frame:
             torch.set_rng_state(self.cpu_rng)
             if self.cuda_rng is not None:
                 torch.cuda.set_rng_state(self.cuda_rng, device)
-            serve = (ExpensiveOutputs(device, self.recorded) if self.recorded is not None
+            serve = (ExpensiveOutputs(device, self.recorded, self.runtime.unit_names[self.unit_index])
+                     if self.recorded is not None
                      else contextlib.nullcontext())
             with torch.enable_grad(), _autocast(device, self.autocast), \
                     torch.autograd.graph.saved_tensors_hooks(capture, _identity), serve, _keep_gathered(module):
@@ -282,11 +305,16 @@ class Frame:
                 raise RuntimeError(
                     f"memopt: the selective replay of unit {self.runtime.unit_names[self.unit_index]!r} ran "
                     f"{serve.served} expensive ops, its forward {len(self.recorded)}; its forward must take "
-                    "the same path every time")
+                    "the same path every time (data-dependent control flow is the usual cause)")
         if buffers:
             with torch.no_grad():
                 for buffer, saved in buffers:
                     buffer.copy_(saved)
+        if changed(versions):
+            raise RuntimeError(
+                f"memopt: recomputing unit {self.runtime.unit_names[self.unit_index]!r} updated its cache argument in "
+                "place (a static cache); pass use_cache=False for training, or plan the unit without recompute: "
+                "MemoptConfig(allow_recompute=False) or leave it out of MemoptConfig(units=...)")
         seconds = time.perf_counter() - start
         self.runtime.note_recompute(seconds)
         if self.runtime.recorder is not None:
@@ -296,12 +324,21 @@ class Frame:
     def _recompute(self) -> dict[int, torch.Tensor]:
         detach = lambda t: t.detach().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t  # noqa: E731
         captured = self._replay(tree_map(detach, self.args), tree_map(detach, self.kwargs))
+        name = self.runtime.unit_names[self.unit_index]
         if len(captured) != self.calls:
             raise RuntimeError(
-                f"memopt: recomputing unit {self.runtime.unit_names[self.unit_index]!r} saved {len(captured)} "
-                f"tensors, its forward saved {self.calls}; its forward must be deterministic in what it saves. "
+                f"memopt: recomputing unit {name!r} saved {len(captured)} tensors, its forward saved {self.calls}; "
+                "its forward must take the same path every time (data-dependent control flow is the usual cause). "
                 "Exclude it from MemoptConfig(units=...) or plan it with allow_recompute=False"
             )
+        for call, expected in self.dropped.items():
+            got = _describe(captured[call])
+            if got != expected:
+                raise RuntimeError(
+                    f"memopt: recomputing unit {name!r} gave saved tensor #{call} (in the order autograd saved them) "
+                    f"{_show(got)}, its forward {_show(expected)}; the unit's forward must compute the same tensors "
+                    "every time (data-dependent control flow is the usual cause). Exclude it from "
+                    "MemoptConfig(units=...) or plan it with allow_recompute=False")
         return dict(enumerate(captured))
 
     def _recompute_rows(self) -> dict[int, torch.Tensor]:
@@ -327,6 +364,11 @@ class Frame:
 
 def _identity(x):
     return x
+
+
+def _show(described: tuple) -> str:
+    shape, dtype, device = described
+    return f"of shape {list(shape)}, {str(dtype).replace('torch.', '')} on {device}"
 
 
 _REPLAY = -1  # the "module" that holds gathered DeepSpeed ZeRO-3 parameters during a replay

@@ -11,8 +11,11 @@ import torch
 from torch import nn
 
 from .._storages import StorageMap
+from .._warn import warn
+from ..blocks import call_name, split_name
 from .engine import Frame, UnitPolicy, unpack
 from .store import HostStore
+from .switches import ModelSwitches
 
 __all__ = ["Runtime"]
 
@@ -32,15 +35,17 @@ class Runtime:
         on_shape_change (str, default "recompute"): see ``MemoptConfig.on_shape_change``.
         recorder (object | None): profiling callbacks (``before_forward``, ``forward_context``,
             ``after_forward``, ``on_backward``, ``on_recompute``); None when training.
+        announce (bool, default False): warn once about the model switches ``install`` turns (the KV cache
+            off for training forwards, Hugging Face gradient checkpointing off); see ``ModelSwitches``.
     """
 
     def __init__(self, model: nn.Module, units: list[tuple[str, nn.Module]], policies: list[UnitPolicy], *,
                  host_capacity_bytes: int = 0, lookahead: int = 1, on_shape_change: str = "recompute",
-                 recorder=None) -> None:
+                 recorder=None, announce: bool = False) -> None:
         if len(units) != len(policies):
             raise ValueError(f"{len(units)} units but {len(policies)} policies")
         self.model = model
-        self.units = units
+        self.units = list(units)
         self.unit_names = [name for name, _ in units]
         self.policies = list(policies)
         self.lookahead = lookahead
@@ -56,20 +61,40 @@ class Runtime:
         self.forward_calls = 0
         self.shape_fallbacks = 0
         self._warned_shape = False
+        self.call_fallbacks = 0
+        self._warned_calls = False
+        # A module called several times per step is several units, one per call in call order (a
+        # weight-shared layer): its calls in the current step pick them in turn. While profiling (``grow``),
+        # a call beyond a module's units becomes a new unit.
+        self.grow = False
+        self._slots: dict[int, list[int]] = {}
+        self._calls: dict[int, int] = {}
         self._saved_forward: dict[int, object] = {}
         self._root_hook = None
+        self._switches: ModelSwitches | None = None
+        self._announce = announce
 
     # -- install / remove ---------------------------------------------------------------------------
     def install(self) -> None:
+        self._switches = ModelSwitches(self.model, announce=self._announce)
         for index, (_, module) in enumerate(self.units):
-            self._saved_forward[index] = module.__dict__.get("forward", _MISSING)
-            module.forward = functools.partial(self._call, index, module.forward)
-        self._root_hook = self.model.register_forward_pre_hook(lambda *_: self.refresh_params())
+            self._slots.setdefault(id(module), []).append(index)
+        for key, indices in self._slots.items():
+            module = self.units[indices[0]][1]
+            self._saved_forward[key] = module.__dict__.get("forward", _MISSING)
+            module.forward = functools.partial(self._call, key, module.forward)
+        self._root_hook = self.model.register_forward_pre_hook(lambda *_: self.new_step())
+        self.refresh_params()
+
+    def new_step(self) -> None:
+        """A forward of the whole model begins: count each module's calls from the first again."""
+        self._calls.clear()
         self.refresh_params()
 
     def remove(self) -> None:
-        for index, (_, module) in enumerate(self.units):
-            saved = self._saved_forward.pop(index, _MISSING)
+        for key, indices in self._slots.items():
+            module = self.units[indices[0]][1]
+            saved = self._saved_forward.pop(key, _MISSING)
             if saved is _MISSING:
                 module.__dict__.pop("forward", None)
             else:
@@ -77,6 +102,11 @@ class Runtime:
         if self._root_hook is not None:
             self._root_hook.remove()
             self._root_hook = None
+        if self._switches is not None:
+            self._switches.restore()
+            self._switches = None
+        self._slots.clear()
+        self._calls.clear()
         self.frames.clear()
 
     def refresh_params(self) -> None:
@@ -95,10 +125,11 @@ class Runtime:
                 or tensor.untyped_storage() in self.param_storages)
 
     # -- the wrapped forward ------------------------------------------------------------------------
-    def _call(self, index: int, forward, *args, **kwargs):
+    def _call(self, key: int, forward, *args, **kwargs):
         if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
             return forward(*args, **kwargs)
-        policy = self._policy_for(index, args, kwargs)
+        index, fallback = self._unit_of_call(key)
+        policy = fallback or self._policy_for(index, args, kwargs)
         recorder = self.recorder
         if policy.mode == "keep" and recorder is None:
             return forward(*args, **kwargs)
@@ -113,6 +144,37 @@ class Runtime:
         if recorder is not None:
             recorder.after_forward(index, args, kwargs, out, forward)
         return out
+
+    def _unit_of_call(self, key: int) -> tuple[int, UnitPolicy | None]:
+        """The unit of this call of a module, and the policy replacing its own when the call was not planned."""
+        slots = self._slots[key]
+        call = self._calls.get(key, 0)
+        self._calls[key] = call + 1
+        if call < len(slots):
+            return slots[call], None
+        if self.grow:
+            return self._add_unit(key, call), None
+        if len(slots) == 1:
+            return slots[0], None  # a module planned as one unit keeps its policy for every call
+        self.call_fallbacks += 1
+        if not self._warned_calls:
+            self._warned_calls = True
+            path = split_name(self.unit_names[slots[0]])[0]
+            warn(f"memopt: {path!r} was called {call + 1} times in one step but planned for {len(slots)} calls; the "
+                 "calls beyond are recomputed whole (exact, may cost time). handle.replan(sample) plans them")
+        return slots[-1], UnitPolicy("recompute")
+
+    def _add_unit(self, key: int, call: int) -> int:
+        slots = self._slots[key]
+        path = split_name(self.unit_names[slots[0]])[0]
+        index = len(self.units)
+        self.units.append((call_name(path, call), self.units[slots[0]][1]))
+        self.unit_names.append(self.units[-1][0])
+        self.policies.append(self.policies[slots[0]])
+        slots.append(index)
+        if self.recorder is not None:
+            self.recorder.add_unit(self.units[-1][0])
+        return index
 
     def _policy_for(self, index: int, args, kwargs) -> UnitPolicy:
         policy = self.policies[index]
@@ -157,7 +219,8 @@ class Runtime:
 
     def stats(self) -> dict:
         out = {"unit_forward_calls": self.forward_calls, "recomputes": self.recompute_count,
-               "recompute_s": self.recompute_s, "shape_fallbacks": self.shape_fallbacks}
+               "recompute_s": self.recompute_s, "shape_fallbacks": self.shape_fallbacks,
+               "call_fallbacks": self.call_fallbacks}
         if self.store is not None:
             out.update(self.store.stats())
         return out

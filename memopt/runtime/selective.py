@@ -30,6 +30,18 @@ def is_expensive(func) -> bool:
     return func.overloadpacket in EXPENSIVE_OPS
 
 
+def _signature(func, args, kwargs) -> tuple:
+    """The op and its tensor inputs' shapes, dtypes and devices: what must match for a recorded output to serve."""
+    inputs = tuple((tuple(t.shape), t.dtype, t.device) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+    return func, inputs
+
+
+def _show(signature: tuple) -> str:
+    func, inputs = signature
+    shown = ", ".join(f"{list(shape)} {str(dtype).replace('torch.', '')}" for shape, dtype, _ in inputs)
+    return f"{func}({shown})"
+
+
 def _detach(value):
     return value.detach() if isinstance(value, torch.Tensor) else value
 
@@ -40,11 +52,13 @@ class ExpensiveOutputs(TorchDispatchMode):
     Args:
         device (torch.device): the unit's device, whose RNG state is captured after each expensive op.
         recorded (list | None): the outputs recorded by the forward; None to record.
+        unit (str, default "?"): the unit's name, for error messages.
     """
 
-    def __init__(self, device: torch.device, recorded: list | None = None) -> None:
+    def __init__(self, device: torch.device, recorded: list | None = None, unit: str = "?") -> None:
         super().__init__()
         self.device = device
+        self.unit = unit
         self.replaying = recorded is not None
         self.recorded = [] if recorded is None else recorded
         self.served = 0
@@ -58,30 +72,37 @@ class ExpensiveOutputs(TorchDispatchMode):
             return func(*args, **(kwargs or {}))
         if self.replaying:
             if self.served >= len(self.recorded):
-                raise RuntimeError(f"memopt: the selective replay ran more expensive ops than its forward ({func}); "
-                                   "the unit's forward must take the same path every time")
+                raise RuntimeError(f"memopt: the selective replay of unit {self.unit!r} ran more expensive ops than "
+                                   f"its forward ({len(self.recorded)}; the next is {func}); its forward must take the "
+                                   "same path every time (data-dependent control flow is the usual cause)")
             entry = self.recorded[self.served]
             self.served += 1
             if entry is None:
                 # Served to an earlier backward through the same graph (retain_graph): compute it again.
                 return func(*args, **(kwargs or {}))
+            signature = _signature(func, args, kwargs)
+            if entry[2] != signature:
+                raise RuntimeError(
+                    f"memopt: the selective replay of unit {self.unit!r} ran expensive op #{self.served - 1} as "
+                    f"{_show(signature)}, its forward as {_show(entry[2])}; its forward must take the same path every "
+                    "time (data-dependent control flow is the usual cause)")
             # Handed over, not kept: an output no saved tensor needs is freed as soon as it is consumed,
             # exactly as in the forward, so the replay holds no more than a plain recompute does.
             self.recorded[self.served - 1] = None
-            out, (cpu_rng, cuda_rng) = entry
+            out, (cpu_rng, cuda_rng), _ = entry
             torch.set_rng_state(cpu_rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state(cuda_rng, self.device)
             # Fresh aliases: autograd attaches this replay's history to them, never to the recorded tensors.
             return tree_map(_detach, out)
         out = func(*args, **(kwargs or {}))
-        self.recorded.append((tree_map(_detach, out), self._rng_state()))
+        self.recorded.append((tree_map(_detach, out), self._rng_state(), _signature(func, args, kwargs)))
         return out
 
     def nbytes(self) -> int:
         """Bytes of the distinct storages recorded."""
         seen: dict[int, int] = {}
-        for out, _ in filter(None, self.recorded):
+        for out, _, _ in filter(None, self.recorded):
             for leaf in tree_leaves(out):
                 if isinstance(leaf, torch.Tensor):
                     seen[leaf.untyped_storage()._cdata] = leaf.untyped_storage().nbytes()
