@@ -70,7 +70,7 @@ def main() -> None:
             "step_s": round(step_s, 4), "step_vs_none": round(step_s / base_s, 3),
             "activation_bytes": peak, "activation_vs_none": round(peak / base_peak, 3),
             "predicted_vs_measured": round((plan.predicted_peak_bytes - plan_state[0]) / peak, 3) if plan else "",
-            "decisions": " ".join(f"{n}x{m}" for m, n in _count(d.mode for d in plan.decisions)) if plan else "",
+            "decisions": " ".join(f"{n}x{m}" for m, n in _count(d.label for d in plan.decisions)) if plan else "",
             "loss": round(loss, 4),
         })
         print(rows[-1])

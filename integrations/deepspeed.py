@@ -34,7 +34,7 @@ except ImportError as error:  # pragma: no cover - exercised only without deepsp
     raise ImportError("memopt.integrations.deepspeed needs: pip install 'memopt[deepspeed]'") from error
 
 import memopt
-from memopt.graph import ZERO3_MAX_REUSE_DISTANCE, param_groups, shard_bytes, zero3_gathered_bytes
+from memopt.zero import ZERO3_MAX_REUSE_DISTANCE, param_groups, shard_bytes, zero3_gathered_bytes
 
 __all__ = ["initialize", "shard_model_states"]
 
@@ -46,7 +46,7 @@ def shard_model_states(graph: memopt.TrainingGraph, zero_stage: int, world_size:
 
     Stage 1 divides the optimizer state by ``world_size``, stage 2 the gradients too, stage 3 the
     parameters too, and counts what ZeRO-3 gathers while it runs as ``gathered_param_bytes``
-    (``memopt.graph.zero3_gathered_bytes``: the whole rest of the model when it has at most
+    (``memopt.zero.zero3_gathered_bytes``: the whole rest of the model when it has at most
     ``max_reuse_distance`` parameters, else its two largest groups).
 
     Args:

@@ -9,7 +9,7 @@ from torch import nn
 
 from .blocks import units_for_plan
 from .config import MemoptConfig
-from .graph import Decision, Plan, TrainingGraph
+from .graph import Decision, Mode, Plan, TrainingGraph
 from .hardware import Hardware
 from .runtime.engine import UnitPolicy
 from .runtime.hooks import Runtime
@@ -76,28 +76,19 @@ def plan(graph: TrainingGraph, budget: int | str | float, config: MemoptConfig |
     from .planners import solve
 
     budget_bytes = resolve_budget(graph, budget)
-    host_budget = config.host_budget if config.host_budget is not None else graph.hardware.host_bytes
-    return solve(graph, budget_bytes, host_budget_bytes=host_budget, time_limit_s=config.time_limit_s,
-                 mip_gap=config.mip_gap, row_multiple=config.row_multiple, allow_swap=config.allow_swap,
-                 allow_recompute=config.allow_recompute, budget_spec=budget, lookahead=config.lookahead)
+    return solve(graph, budget_bytes, config.planner_options(), budget_spec=budget)
 
 
 def policy_for(decision: Decision) -> UnitPolicy:
-    """The runtime policy that carries out one decision."""
-    if decision.selective:
-        return UnitPolicy("selective")
-    if decision.recompute >= 1.0 - 1e-9 and not decision.token_wise:
-        return UnitPolicy("recompute")
-    if decision.token_wise:
-        if decision.keep_rows >= decision.rows:
-            return UnitPolicy("keep")
-        if decision.keep_rows == 0 and decision.swap_rows == 0:
-            return UnitPolicy("recompute")
-        return UnitPolicy("tokenwise", keep_rows=decision.keep_rows, swap_rows=decision.swap_rows,
-                          rows=decision.rows, token_dims=tuple(decision.token_dims))
-    if decision.swap_tensors:
-        return UnitPolicy("swap", swap_tensors=frozenset(decision.swap_tensors))
-    return UnitPolicy("keep")
+    """The runtime policy that carries out one decision, read through ``Decision.effective`` as the simulator
+    reads it."""
+    mode = decision.effective
+    if mode is Mode.TOKEN_WISE:
+        return UnitPolicy(mode, keep_rows=decision.keep_rows, swap_rows=decision.swap_rows, rows=decision.rows,
+                          token_dims=tuple(decision.token_dims))
+    if mode is Mode.SWAP:
+        return UnitPolicy(mode, swap_tensors=frozenset(decision.swap_tensors))
+    return UnitPolicy(mode)
 
 
 class Handle:

@@ -69,12 +69,6 @@ class MemoptConfig:
                 raise ValueError(f"units must be a list of module paths, got {self.units!r}; e.g. ['model.layers.*']")
             if not self.units:
                 raise ValueError("units is an empty list; pass None to pick the repeated blocks automatically")
-        if not isinstance(self.row_multiple, int) or self.row_multiple < 1:
-            raise ValueError(f"row_multiple must be a positive int, got {self.row_multiple!r}; 64 is a good choice")
-        if not self.time_limit_s > 0:
-            raise ValueError(f"time_limit_s must be positive, got {self.time_limit_s!r}")
-        if not 0 <= self.mip_gap < 1:
-            raise ValueError(f"mip_gap must be in [0, 1), got {self.mip_gap!r}; e.g. 0.005")
         if self.host_budget is not None:
             self.host_budget = parse_bytes(self.host_budget, what="host_budget")
         if not isinstance(self.profile_repeats, int) or self.profile_repeats < 1:
@@ -85,7 +79,17 @@ class MemoptConfig:
             raise ValueError(f"on_shape_change must be one of {_SHAPE_POLICIES}, got {self.on_shape_change!r}")
         if not self.optimizer_states_per_param >= 0:
             raise ValueError(f"optimizer_states_per_param must be >= 0, got {self.optimizer_states_per_param!r}; AdamW is 2")
-        if not isinstance(self.lookahead, int) or self.lookahead < 1:
-            raise ValueError(f"lookahead must be an int >= 1, got {self.lookahead!r}")
-        if not (self.allow_swap or self.allow_recompute):
-            raise ValueError("allow_swap and allow_recompute are both False; nothing could save memory")
+        self.planner_options()  # the planner's switches are validated there, once
+
+    def planner_options(self):
+        """The planner's switches (``memopt.planners.PlannerOptions``) from this config.
+
+        Raises:
+            ValueError: a planner switch out of range (row_multiple, time_limit_s, mip_gap, lookahead, or
+                allow_swap and allow_recompute both off).
+        """
+        from .planners.options import PlannerOptions
+
+        return PlannerOptions(host_budget_bytes=self.host_budget, time_limit_s=self.time_limit_s, mip_gap=self.mip_gap,
+                              row_multiple=self.row_multiple, allow_swap=self.allow_swap,
+                              allow_recompute=self.allow_recompute, lookahead=self.lookahead)

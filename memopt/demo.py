@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 infeasible.append((len(runs), name, str(error).split(";")[0].split(". To fit")[0]))
                 continue
             model = make_model()
-            mix = ", ".join(f"{n} {m}" for m, n in _count(d.mode for d in plan.decisions))
+            mix = ", ".join(f"{n} {m}" for m, n in _count(d.label for d in plan.decisions))
             predicted = format_bytes(plan.predicted_peak_bytes - graph.resident_bytes)
             runs.append(_Run(name, model, memopt.apply(model, plan, config, graph), mix, predicted,
                              f"planned in {time.perf_counter() - start:.2f} s"))

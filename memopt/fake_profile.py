@@ -22,7 +22,8 @@ from typing import Any
 
 from .config import MemoptConfig
 from .errors import MemoptError
-from .graph import TrainingGraph, param_groups, shard_bytes, zero3_gathered_bytes
+from .graph import TrainingGraph
+from .zero import param_groups, shard_bytes, zero3_gathered_bytes
 from .hardware import Hardware
 
 __all__ = [

@@ -11,11 +11,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .decisions import Decision, Mode
 from .hardware import Hardware
 from .units import format_bytes
 
-__all__ = ["Decision", "Plan", "TrainingGraph", "Unit", "ZERO3_MAX_REUSE_DISTANCE", "param_groups", "shard_bytes",
-           "zero3_gathered_bytes"]
+__all__ = ["Decision", "HeadOption", "HeadProfile", "Mode", "Plan", "TrainingGraph", "Unit"]
 
 
 @dataclass
@@ -44,6 +44,11 @@ class Unit:
         selective_bytes (int): bytes of the outputs of the unit's expensive ops (matmuls, attention,
             convolutions), which a selective recompute keeps; 0 when none was measured.
         selective_s (float): seconds of the unit's other (cheap) ops, which a selective recompute reruns.
+        outside_bytes (list[int]): per saved tensor, the bytes of it counted in ``tensor_bytes`` that the
+            step did not allocate (the batch, saved by a token-separable unit, whose rows a token-wise split
+            copies): a decision that keeps, swaps or recomputes it whole frees and holds nothing for them.
+            Empty means none.
+        outside_input_bytes (int): the bytes of ``input_bytes`` the step did not allocate (as above).
     """
 
     name: str
@@ -61,8 +66,17 @@ class Unit:
     param_grad_bytes: int = 0
     selective_bytes: int = 0
     selective_s: float = 0.0
+    outside_bytes: list[int] = field(default_factory=list)
+    outside_input_bytes: int = 0
 
     def __post_init__(self) -> None:
+        if self.outside_bytes and (len(self.outside_bytes) != len(self.tensor_bytes) or any(
+                not 0 <= o <= b for o, b in zip(self.outside_bytes, self.tensor_bytes))):
+            raise ValueError(f"unit {self.name!r}: outside_bytes {self.outside_bytes} must give, per saved tensor, "
+                             f"at most its bytes {self.tensor_bytes}")
+        if not 0 <= self.outside_input_bytes <= self.input_bytes:
+            raise ValueError(f"unit {self.name!r}: outside_input_bytes must be in [0, input_bytes], got "
+                             f"{self.outside_input_bytes!r}")
         if len(self.tensor_bytes) != len(self.token_dims):
             raise ValueError(
                 f"unit {self.name!r}: tensor_bytes has {len(self.tensor_bytes)} entries but token_dims "
@@ -80,6 +94,60 @@ class Unit:
     def saved_bytes(self) -> int:
         """All bytes the unit saves for backward."""
         return sum(self.tensor_bytes)
+
+    @property
+    def step_saved_bytes(self) -> int:
+        """Saved bytes the step itself allocated: what keeping them holds, what dropping them frees."""
+        return self.saved_bytes - sum(self.outside_bytes)
+
+
+@dataclass
+class HeadOption:
+    """One way to run the LM head and its loss, as measured.
+
+    Args:
+        chunks (int): chunks of token rows the loss is computed over (1: the model's own head, unchanged).
+        chunk_rows (int): rows per chunk.
+        workspace_bytes (int): peak bytes of the head and its loss, forward and backward, beyond their inputs.
+        seconds (float): forward and backward seconds of the head and its loss.
+    """
+
+    chunks: int
+    chunk_rows: int
+    workspace_bytes: int
+    seconds: float
+
+
+@dataclass
+class HeadProfile:
+    """The LM head and its loss as a planning unit (``memopt.runtime.head``).
+
+    Args:
+        rows (int): token rows the head computes logits for.
+        vocab (int): its output size.
+        trained (bool): the head's weight (or bias) gets a gradient. Chunked, that gradient is a sum over
+            chunks: equal to the unchunked one within float rounding, not bitwise.
+        options (list[HeadOption]): the measured ways to run it; the first is 1 chunk.
+        note (str): why it cannot be chunked, when ``options`` holds only the first.
+    """
+
+    rows: int
+    vocab: int
+    trained: bool
+    options: list[HeadOption]
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        self.options = [o if isinstance(o, HeadOption) else HeadOption(**o) for o in self.options]
+        if not self.options or self.options[0].chunks != 1:
+            raise ValueError(f"a head profile's first option is the unchunked head (1 chunk), got {self.options!r}")
+
+    def option(self, chunks: int) -> HeadOption:
+        for o in self.options:
+            if o.chunks == chunks:
+                return o
+        raise ValueError(f"the head was profiled with {[o.chunks for o in self.options]} chunks, not {chunks}; "
+                         "make the plan for this graph")
 
 
 @dataclass
@@ -104,6 +172,8 @@ class TrainingGraph:
         shared_input_bytes (int): tensors the step makes and passes to several units (an attention mask,
             rotary tables): alive through the forward, and until the end of backward when a unit is
             recomputed (wholly or selectively), whose recompute needs them.
+        head (HeadProfile | None): the LM head and its loss, when they were measured; its first option is
+            part of ``head_workspace_bytes`` and ``other_*_s``, the others replace it there.
         meta (dict): free-form facts (model name, batch shape, dtype, how it was profiled).
     """
 
@@ -119,6 +189,7 @@ class TrainingGraph:
     sharding_degree: int = 1
     gathered_param_bytes: int = 0
     shared_input_bytes: int = 0
+    head: HeadProfile | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -161,6 +232,8 @@ class TrainingGraph:
         data = dict(data)
         data["units"] = [Unit(**u) for u in data["units"]]
         data["hardware"] = Hardware.from_dict(data["hardware"])
+        if isinstance(data.get("head"), dict):
+            data["head"] = HeadProfile(**data["head"])
         return cls(**data)
 
     def to_json(self) -> str:
@@ -169,52 +242,6 @@ class TrainingGraph:
     @classmethod
     def from_json(cls, text: str) -> TrainingGraph:
         return cls.from_dict(json.loads(text))
-
-
-@dataclass
-class Decision:
-    """What happens to one unit's saved activations.
-
-    ``keep + swap + recompute == 1``. For a token-separable unit the fractions are of its token rows:
-    rows ``[0, keep_rows)`` stay on the device, ``[keep_rows, keep_rows + swap_rows)`` go to host memory
-    and the rest are recomputed from the unit's input rows (``rows`` in all, ``token_dims`` per saved
-    tensor). A ``selective`` decision (``recompute == 1``) keeps the outputs of the unit's expensive ops and
-    recomputes only the rest. Otherwise they are fractions of bytes:
-    ``recompute`` is 0 or 1 (the whole unit is checkpointed) and the saved tensors whose pack-order
-    indices are in ``swap_tensors`` go to host memory.
-    """
-
-    unit: str
-    keep: float = 1.0
-    swap: float = 0.0
-    recompute: float = 0.0
-    token_wise: bool = False
-    keep_rows: int = 0
-    swap_rows: int = 0
-    rows: int = 0
-    token_dims: list[int | None] = field(default_factory=list)
-    swap_tensors: list[int] = field(default_factory=list)
-    selective: bool = False
-
-    def __post_init__(self) -> None:
-        total = self.keep + self.swap + self.recompute
-        if self.selective and (self.recompute < 1.0 - 1e-9 or self.token_wise):
-            raise ValueError(f"decision for {self.unit!r}: a selective recompute has recompute=1 and no row split")
-        if min(self.keep, self.swap, self.recompute) < -1e-9 or abs(total - 1.0) > 1e-6:
-            raise ValueError(
-                f"decision for {self.unit!r}: keep, swap, recompute must be >= 0 and sum to 1, got "
-                f"{self.keep!r}, {self.swap!r}, {self.recompute!r}"
-            )
-
-    @property
-    def mode(self) -> str:
-        """One word for tables: keep, swap, recompute, selective, token-wise or mixed."""
-        if self.selective:
-            return "selective"
-        for name in ("keep", "swap", "recompute"):
-            if getattr(self, name) >= 1.0 - 1e-9:
-                return name
-        return "token-wise" if self.token_wise else "mixed"
 
 
 @dataclass
@@ -236,6 +263,8 @@ class Plan:
         solve_time_s (float): wall-clock seconds the solve took.
         layout (dict | None): buffer layout of the step, when planned.
         graph_meta (dict): the profiled graph's meta, so a plan names what it was made for.
+        head_chunks (int, default 1): chunks of token rows the LM head's loss is computed over (1: the
+            model's own head).
     """
 
     decisions: list[Decision]
@@ -252,6 +281,7 @@ class Plan:
     solve_time_s: float = 0.0
     layout: dict | None = None
     graph_meta: dict[str, Any] = field(default_factory=dict)
+    head_chunks: int = 1
 
     def decision(self, unit: str) -> Decision:
         for d in self.decisions:
@@ -273,7 +303,7 @@ class Plan:
         """
         rows = [f"{'unit':<32} {'mode':<10} {'keep':>6} {'swap':>6} {'recomp':>6}"]
         for d in self.decisions:
-            rows.append(f"{d.unit[-32:]:<32} {d.mode:<10} {d.keep:>6.2f} {d.swap:>6.2f} {d.recompute:>6.2f}")
+            rows.append(f"{d.unit[-32:]:<32} {d.label:<10} {d.keep:>6.2f} {d.swap:>6.2f} {d.recompute:>6.2f}")
         resident = self.graph_meta.get("resident_bytes")
         known = isinstance(resident, int) and not isinstance(resident, bool) and resident >= 0
 
@@ -301,12 +331,34 @@ class Plan:
         return "\n".join(rows)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["decisions"] = [d.to_dict() for d in self.decisions]
+        return data
+
+    def __post_init__(self) -> None:
+        names = [d.unit for d in self.decisions]
+        if not all(isinstance(d, Decision) for d in self.decisions) or len(set(names)) != len(names):
+            raise ValueError(f"a plan has one Decision per unit, each unit once; got {names[:8]}")
+        if isinstance(self.head_chunks, bool) or not isinstance(self.head_chunks, int) or self.head_chunks < 1:
+            raise ValueError(f"plan head_chunks must be an int >= 1, got {self.head_chunks!r}")
+        for key in ("budget_bytes", "predicted_peak_bytes", "baseline_peak_bytes", "host_bytes"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"plan {key} must be an int >= 0 (bytes), got {value!r}")
 
     @classmethod
     def from_dict(cls, data: dict) -> Plan:
+        """A plan from JSON (``to_dict``); version 2 decisions (``token_wise``/``selective`` flags) load too.
+
+        Raises:
+            ValueError: a field is missing or unknown, or a decision is not one the runtime can carry out
+                exactly as the simulator counts it (the message names the unit and field).
+        """
         data = dict(data)
-        data["decisions"] = [Decision(**d) for d in data["decisions"]]
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"plan has unknown fields {unknown}; it was written by another memopt version or edited")
+        data["decisions"] = [d if isinstance(d, Decision) else Decision.from_dict(d) for d in data["decisions"]]
         return cls(**data)
 
     def to_json(self) -> str:
@@ -315,40 +367,3 @@ class Plan:
     @classmethod
     def from_json(cls, text: str) -> Plan:
         return cls.from_dict(json.loads(text))
-
-
-def shard_bytes(nbytes: int, world_size: int) -> int:
-    """One rank's share of ``nbytes`` sharded over ``world_size`` ranks (rounded up: the largest shard)."""
-    return -(-nbytes // world_size)
-
-
-def param_groups(unit_bytes: list[int], param_bytes: int) -> list[int]:
-    """Parameter bytes gathered together: each unit's, and the rest of the model's outside every unit."""
-    return [*unit_bytes, max(0, param_bytes - sum(unit_bytes))]
-
-
-#: DeepSpeed's default ``stage3_max_reuse_distance``, in parameters.
-ZERO3_MAX_REUSE_DISTANCE = 1_000_000_000
-
-
-def zero3_gathered_bytes(group_bytes: list[int], param_bytes: int, world_size: int, n_params: int,
-                         max_reuse_distance: int = ZERO3_MAX_REUSE_DISTANCE) -> int:
-    """Parameter bytes ZeRO-3 holds gathered beyond a rank's shard, at most the rest of the model.
-
-    DeepSpeed keeps a gathered parameter until its next use when that use comes within
-    ``stage3_max_reuse_distance`` parameters; every parameter's next use (its backward) comes within the
-    model's size, so a model no larger than that distance stays gathered whole. A larger one holds the
-    parameters of the group at work and of the one prefetched next: the two largest groups.
-
-    Args:
-        group_bytes (list[int]): parameter bytes of each unit, and of the parameters outside every unit.
-        param_bytes (int): the whole model's parameter bytes, unsharded.
-        world_size (int): ranks the parameters are sharded over.
-        n_params (int): the model's parameter count.
-        max_reuse_distance (int, default DeepSpeed's 1e9): ``stage3_max_reuse_distance``.
-    """
-    rest = param_bytes - shard_bytes(param_bytes, world_size)
-    if n_params <= max_reuse_distance:
-        return rest
-    largest = sorted(group_bytes, reverse=True)[:2]
-    return min(rest, sum(largest))

@@ -2,9 +2,11 @@
 
 Safe mode recomputes every unit, so profiling needs no more memory than the leanest plan. Each unit's
 saved tensors are observed while it is recomputed in backward; parameters and buffers never count and
-tensors sharing a storage count once. Memory comes from ``MemoryMeter``; times from ``perf_counter``
-(with CUDA synchronisation on GPU). The step leaves no trace: gradients, buffers, RNG states and the
-model's modes are as they were.
+tensors sharing a storage count once. Memory comes from ``MemoryMeter``, plus what the step leaves
+allocated on CUDA outside any tensor (cuBLAS and attention workspaces), counted as fixed bytes. Times come
+from ``perf_counter`` (with CUDA synchronisation on GPU), and on CUDA from events around each recompute and
+each expensive op, whose kernels the CPU clock would see only launched. The step leaves no trace:
+gradients, buffers, RNG states and the model's modes are as they were.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ._storages import StorageMap
 from ._warn import warn
 from .blocks import call_name, select_units, split_name
 from .config import MemoptConfig
-from .graph import TrainingGraph, Unit
+from .graph import Mode, TrainingGraph, Unit
 from .hardware import Hardware
 from .meter import MemoryMeter
 from .runtime.caches import copy_caches
@@ -91,19 +93,27 @@ class _UnitRecord:
 class _ExpensiveOps(TorchDispatchMode):
     """Bytes and seconds of a unit's expensive ops (what a selective recompute keeps and skips)."""
 
-    def __init__(self, record: _UnitRecord, clock, sync) -> None:
+    def __init__(self, record: _UnitRecord, clock, sync, device_events: bool = False) -> None:
         super().__init__()
         self.record, self.clock, self.sync = record, clock, sync
         self.seen = StorageMap()
+        # On CUDA each op is timed by events around it, read when the unit's forward ends: a synchronisation
+        # per op would time launches and stall the queue the op's neighbours run in.
+        self.events: list[tuple] | None = [] if device_events else None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not is_expensive(func):
             return func(*args, **(kwargs or {}))
-        self.sync()
-        start = self.clock()
-        out = func(*args, **(kwargs or {}))
-        self.sync()
-        self.record.expensive_s += self.clock() - start
+        if self.events is not None:
+            start = _timing_event()
+            out = func(*args, **(kwargs or {}))
+            self.events.append((start, _timing_event()))
+        else:
+            self.sync()
+            start = self.clock()
+            out = func(*args, **(kwargs or {}))
+            self.sync()
+            self.record.expensive_s += self.clock() - start
         for leaf in tree_leaves(out):
             if not isinstance(leaf, torch.Tensor):
                 continue
@@ -112,6 +122,27 @@ class _ExpensiveOps(TorchDispatchMode):
                 self.seen.add(storage, True)
                 self.record.expensive_bytes += storage.nbytes()
         return out
+
+    def __exit__(self, *exc):
+        out = super().__exit__(*exc)
+        if self.events:
+            self.record.expensive_s += sum(_elapsed_s(start, end) for start, end in self.events)
+            self.events.clear()
+        return out
+
+
+def _timing_event():
+    """A CUDA event with timing, recorded now on the current stream. (CPU tests fake it; on a GPU
+    tests/test_profiler_cuda.py::test_profiled_times_are_device_times_on_cuda checks the times it gives.)"""
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _elapsed_s(start, end) -> float:
+    """Device seconds between two recorded events (waits for ``end``: profiling only, never in training)."""
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
 
 
 class _Recorder:
@@ -125,6 +156,10 @@ class _Recorder:
         # A modelled clock (fake profile) advances only with the ops it costs, so the runtime's wall-clock
         # recompute seconds are replaced by the clock's reading since the unit's backward began.
         self.modelled_clock = clock is not None
+        # On CUDA a replay only launches its kernels before the CPU clock is read; its device time comes from
+        # events (``on_recompute``), as do the expensive ops' (``_ExpensiveOps``).
+        self.device_events = device.type == "cuda" and clock is None
+        self.backward_event = None
         self.records = [_UnitRecord() for _ in names]
         self.calls = 0  # unit forwards so far: a record's ``order`` is its first call's place among them
         self.input_owner: dict[int, tuple[int, int, bool]] = {}  # input storage -> (first unit, bytes, made by the step)
@@ -190,7 +225,7 @@ class _Recorder:
             return contextlib.nullcontext()
         rec = self.records[index]
         rec.expensive_bytes, rec.expensive_s = 0, 0.0
-        return _ExpensiveOps(rec, self.clock, self.sync)
+        return _ExpensiveOps(rec, self.clock, self.sync, self.device_events)
 
     def after_forward(self, index, args, kwargs, out, forward) -> None:
         self.sync()
@@ -252,15 +287,22 @@ class _Recorder:
             self.close_backward(now)
         self.current_backward = index
         self.records[index].backward_start_s = now
+        self.backward_event = _timing_event() if self.device_events else None
         self.meter.reset_window()
 
     def on_recompute(self, index: int, captured: list[torch.Tensor], seconds: float) -> None:
         rec = self.records[index]
         if self.modelled_clock:
             seconds = self.clock() - rec.backward_start_s
+        elif self.backward_event is not None:
+            # The replay runs first in the unit's backward: the device time since that began is the replay's.
+            seconds = _elapsed_s(self.backward_event, _timing_event())
         rec.recompute_s += seconds
         rec.forward_s.append(seconds)
         rec.recompute_peak_live = self.meter.window_peak_bytes
+        # The rest of the unit's backward is measured on its own: a unit that is not recomputed never holds
+        # the replay's transients (its outputs among them).
+        self.meter.reset_window()
         seen: set[int] = set()
         rec.tensor_bytes, rec.shapes, rec.outside = [], [], []
         for tensor in captured:
@@ -268,7 +310,9 @@ class _Recorder:
             if key in seen or self.runtime.is_param(tensor):
                 continue
             seen.add(key)
-            rec.tensor_bytes.append(tensor.untyped_storage().nbytes())
+            # A tensor off the device (flash attention's CPU seed and offset) takes no device memory, and the
+            # runtime keeps it where it is.
+            rec.tensor_bytes.append(tensor.untyped_storage().nbytes() if tensor.device == self.device else 0)
             rec.outside.append(not self.meter.tracks(tensor))
             rec.shapes.append(tuple(tensor.shape))
 
@@ -382,7 +426,7 @@ def profile_model(model: nn.Module, sample, config: MemoptConfig | None = None,
     _check_model(model, warn_eval=not timing_only)
     units = select_units(model, config.units, calls=lambda: _count_calls(model, sample))
     names = [name for name, _ in units]
-    runtime = Runtime(model, units, [UnitPolicy("recompute")] * len(units))
+    runtime = Runtime(model, units, [UnitPolicy(Mode.RECOMPUTE)] * len(units))
     runtime.grow = True
     device = runtime.device
     if hardware is None:
@@ -392,6 +436,7 @@ def profile_model(model: nn.Module, sample, config: MemoptConfig | None = None,
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" and torch.cuda.is_initialized() else None
+    allocated_before = _device_allocated_bytes(device, clear_workspaces=not timing_only)
     for p in params:
         p.grad = torch.zeros_like(p)
     fixed_seen = StorageMap()
@@ -441,6 +486,11 @@ def profile_model(model: nn.Module, sample, config: MemoptConfig | None = None,
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state(cuda_rng, device)
+    # What the step left allocated on the device outside any tensor the meter saw (cuBLAS keeps a workspace
+    # per handle and stream: one for the forward's thread, one for autograd's; attention kernels keep theirs)
+    # stays allocated through every step: it counts as fixed bytes. 0 on CPU.
+    allocated_after = _device_allocated_bytes(device)
+    device_workspace = max(0, allocated_after - allocated_before) if allocated_before is not None else 0
 
     units = _in_call_order(recorder, units)
     names = [name for name, _ in units]
@@ -462,6 +512,8 @@ def profile_model(model: nn.Module, sample, config: MemoptConfig | None = None,
             input_bytes=rec.input_bytes + (rec.outside_input_bytes if separable else 0),
             output_bytes=rec.output_bytes,
             tensor_bytes=_step_bytes(rec, separable),
+            outside_bytes=[b if outside else 0 for b, outside in zip(rec.tensor_bytes, rec.outside)] if separable else [],
+            outside_input_bytes=rec.outside_input_bytes if separable else 0,
             token_dims=dims if separable else [None] * len(rec.tensor_bytes),
             tokens=rows if separable else 0,
             token_separable=separable,
@@ -482,15 +534,30 @@ def profile_model(model: nn.Module, sample, config: MemoptConfig | None = None,
         param_bytes=total_params,
         grad_bytes=trainable,
         optimizer_bytes=int(trainable * config.optimizer_states_per_param),
-        fixed_activation_bytes=fixed,
+        fixed_activation_bytes=fixed + device_workspace,
         head_workspace_bytes=head_workspace,
         shared_input_bytes=recorder.shared_input_bytes,
         other_forward_s=max(0.0, (t_forward_end - t0) - unit_forward),
         other_backward_s=max(0.0, (t_end - t_forward_end) - unit_backward),
         meta={"model": type(model).__name__, "profiled": "live", "device": str(device),
               "sample": _describe(sample), "peak_activation_bytes_safe_mode": meter.peak_bytes,
-              "first_backward_s": first_backward - t0},
+              "first_backward_s": first_backward - t0, "device_workspace_bytes": device_workspace},
     )
+
+
+def _device_allocated_bytes(device: torch.device, clear_workspaces: bool = False) -> int | None:
+    """Bytes the CUDA caching allocator has handed out on ``device``; None elsewhere. With ``clear_workspaces``
+    cuBLAS's cached workspaces are released first, so a step that follows allocates (and shows) them again
+    even when an earlier matmul (``Hardware.measure``, a step before memopt) made them. (CPU tests mock the
+    counts; tests/test_profiler_cuda.py and test_runtime_cuda.py::test_cuda_peak_within_budget check them on a GPU.)"""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    if clear_workspaces:
+        clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear is not None:
+            clear()
+    return torch.cuda.memory_allocated(device)
 
 
 def _in_call_order(recorder: _Recorder, units: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:

@@ -23,8 +23,10 @@ __all__ = ["CATEGORY_COLORS", "CATEGORY_NOTES", "PlanReport", "breakdown", "memo
            "render_html", "render_text"]
 
 _FORMAT = "memopt-plan-report"
-_VERSION = 2  # 2: the graph may carry gathered_param_bytes (ZeRO-3) and shared_input_bytes
-_READS = (1, 2)  # a version-1 report is a version-2 one with both at 0
+# 2: the graph may carry gathered_param_bytes (ZeRO-3) and shared_input_bytes (a version-1 report has both at 0).
+# 3: each decision names its mode (version 2's token_wise and selective flags are read as one).
+_VERSION = 3
+_READS = (1, 2, 3)
 
 #: Fill colour of each memory category in the plot, in the simulator's stacking order.
 CATEGORY_COLORS = {
@@ -84,7 +86,7 @@ class PlanReport:
         """The simulator's replay of the plan: the re-check of every figure the plan claims."""
         from .planners import simulate
 
-        return simulate(self.graph, self.plan.decisions)
+        return simulate(self.graph, self.plan.decisions, head_chunks=self.plan.head_chunks)
 
     @cached_property
     def baselines(self) -> dict[str, Plan]:
@@ -122,10 +124,14 @@ class PlanReport:
                              f"versions {', '.join(map(str, _READS))}); make it again with this memopt")
         try:
             graph, plan = TrainingGraph.from_dict(data["graph"]), Plan.from_dict(data["plan"])
-            return cls(graph, plan, dict(data.get("request", {})))
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"plan report is damaged ({type(exc).__name__}: {exc}); make it again with memopt plan "
-                             "... --json FILE") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"plan report is damaged or was edited into a plan memopt cannot carry out "
+                             f"({type(exc).__name__}: {exc}); make it again with memopt plan ... --json FILE") from None
+        names = [u.name for u in graph.units]
+        if [d.unit for d in plan.decisions] != names:
+            raise ValueError(f"plan report is damaged: its plan decides for units {[d.unit for d in plan.decisions][:4]}"
+                             f"... but its graph has {names[:4]}...; make it again with memopt plan ... --json FILE")
+        return cls(graph, plan, dict(data.get("request", {})))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -224,7 +230,7 @@ def _unit_rows(report: PlanReport) -> list[tuple[str, str, int, float, float, fl
     rows = []
     for unit, decision in zip(report.graph.units, report.plan.decisions):
         amounts = unit_amounts(unit, decision)
-        rows.append((unit.name, decision.mode, unit.saved_bytes, amounts.kept_bytes, amounts.swapped_bytes,
+        rows.append((unit.name, decision.label, unit.saved_bytes, amounts.kept_bytes, amounts.swapped_bytes,
                      amounts.recompute))
     return rows
 

@@ -8,6 +8,7 @@ checked against, ``baseline_plan`` the plans it is compared with, ``plan_layout`
 from .baselines import BASELINES, baseline_plan
 from .layout import Layout, layout_for_plan, plan_layout, plan_layout_blocks
 from .mip import min_feasible_bytes, solve
+from .options import PlannerOptions
 from .realize import realize, row_step
 from .simulator import SimResult, simulate
 from .synthetic import random_graph
@@ -15,6 +16,7 @@ from .synthetic import random_graph
 __all__ = sorted([
     "BASELINES",
     "Layout",
+    "PlannerOptions",
     "SimResult",
     "baseline_plan",
     "layout_for_plan",

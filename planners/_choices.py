@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memopt.graph import Decision, Unit
+from memopt.graph import Decision, Mode, Unit
 
 from .realize import realize, row_step
 
@@ -78,10 +78,14 @@ class UnitChoices:
         return self.allow_recompute and not self.step and self.unit.selective_bytes > 0
 
     def selective(self) -> Decision:
-        return Decision(self.unit.name, 0.0, 0.0, 1.0, selective=True)
+        return Decision(self.unit.name, 0.0, 0.0, 1.0, Mode.SELECTIVE)
 
     def steps_of(self, decision: Decision) -> tuple[int, int]:
-        """``(keep_steps, recompute_steps)`` of a token-wise decision of this unit."""
+        """``(keep_steps, recompute_steps)`` of a decision of this row-cut unit (keep and recompute included)."""
+        if decision.effective is Mode.KEEP:
+            return self.n_steps, 0
+        if decision.effective is Mode.RECOMPUTE:
+            return 0, self.n_steps
         step = self.step
         recompute_rows = self.unit.tokens - decision.keep_rows - decision.swap_rows
         return decision.keep_rows // step, recompute_rows // step

@@ -25,7 +25,7 @@ def budget_error(graph: TrainingGraph, opts: Any, budget_bytes: int, minimum_byt
 
     Args:
         graph (TrainingGraph): the step.
-        opts (mip._Options): the planner's switches the minimum was found under.
+        opts (PlannerOptions): the planner's switches the minimum was found under (host budget resolved).
         budget_bytes (int): the budget asked for, bytes.
         minimum_bytes (int): the smallest feasible budget under ``opts``, bytes.
         dominated_by (str): what sets it, in words (``"model states"`` when they alone exceed the budget).

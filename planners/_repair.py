@@ -25,7 +25,7 @@ def _violation(peak_bytes: float, host_bytes: float, budget_bytes: int, host_bud
 
 def repair(graph: TrainingGraph, decisions: Sequence[Decision], choices: Sequence[UnitChoices], *,
            budget_bytes: int, host_budget_bytes: int, lookahead: int = 1,
-           max_rounds: int | None = None) -> list[Decision] | None:
+           max_rounds: int | None = None, head_chunks: int = 1) -> list[Decision] | None:
     """Move decisions one step at a time until the simulated plan fits device and host budgets.
 
     Args:
@@ -35,6 +35,7 @@ def repair(graph: TrainingGraph, decisions: Sequence[Decision], choices: Sequenc
         budget_bytes (int): device budget, bytes.
         host_budget_bytes (int): host budget, bytes.
         lookahead (int, default 1): prefetch distance, as in ``simulate``.
+        head_chunks (int, default 1): the plan's head chunks (kept as they are), as in ``simulate``.
         max_rounds (int | None, default None): moves to try at most; None is twice the unit count plus 8.
 
     Returns:
@@ -42,7 +43,7 @@ def repair(graph: TrainingGraph, decisions: Sequence[Decision], choices: Sequenc
     """
     current = list(decisions)
     amounts = [unit_amounts(u, d) for u, d in zip(graph.units, current)]
-    result = simulate_amounts(graph, amounts, lookahead=lookahead, timeline=False)
+    result = simulate_amounts(graph, amounts, lookahead=lookahead, timeline=False, head_chunks=head_chunks)
     violation = _violation(result.peak_bytes, result.host_peak_bytes, budget_bytes, host_budget_bytes)
     rounds = max_rounds if max_rounds is not None else 2 * len(current) + 8
     for _ in range(rounds):
@@ -53,7 +54,7 @@ def repair(graph: TrainingGraph, decisions: Sequence[Decision], choices: Sequenc
             saved = amounts[u]
             for candidate in choice.neighbours(current[u]):
                 amounts[u] = unit_amounts(graph.units[u], candidate)
-                trial = simulate_amounts(graph, amounts, lookahead=lookahead, timeline=False)
+                trial = simulate_amounts(graph, amounts, lookahead=lookahead, timeline=False, head_chunks=head_chunks)
                 key = (_violation(trial.peak_bytes, trial.host_peak_bytes, budget_bytes, host_budget_bytes),
                        trial.step_s)
                 if best is None or key < best[:2]:

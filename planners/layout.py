@@ -23,7 +23,7 @@ import numpy as np
 from memopt.graph import Plan, TrainingGraph
 
 from ._cbc import cbc_solver
-from .simulator import unit_amounts
+from .simulator import head_change, unit_amounts
 
 __all__ = ["Layout", "layout_for_plan", "lower_bound_bytes", "plan_layout", "plan_layout_blocks", "plan_tensors"]
 
@@ -92,17 +92,38 @@ def lower_bound_bytes(tensors: Sequence[Tensor]) -> int:
     return best
 
 
-def _greedy_offsets(tensors: Sequence[Tensor]) -> list[int]:
-    """Greedy by size, best fit among the tensors already placed that overlap in time."""
+ORDERS = ("size", "start", "peak")
+
+
+def _placement_order(tensors: Sequence[Tensor], order: str) -> list[int]:
+    """The order tensors are placed in: ``size`` largest first (among equals the longer-lived, since it
+    constrains more of the others), ``start`` by birth (as an allocator meets them), ``peak`` those alive at
+    the busiest moment first (greedy by breadth), each group largest first."""
+    n = len(tensors)
+    if order == "size":
+        return sorted(range(n), key=lambda i: (-tensors[i][0], -(tensors[i][2] - tensors[i][1]), i))
+    if order == "start":
+        return sorted(range(n), key=lambda i: (tensors[i][1], i))
+    times = sorted({t for _, s, e in tensors for t in (s, e)})
+    at = {t: k for k, t in enumerate(times)}
+    live = np.zeros(len(times) + 1, dtype=np.int64)
+    for b, s, e in tensors:
+        live[at[s]] += b
+        live[at[e]] -= b
+    live = np.cumsum(live)
+    busiest = [int(live[at[s]:at[e]].max()) if e > s else 0 for _, s, e in tensors]
+    return sorted(range(n), key=lambda i: (-busiest[i], -tensors[i][0], i))
+
+
+def _greedy_offsets(tensors: Sequence[Tensor], order: str = "size") -> list[int]:
+    """Greedy in ``order`` (see ``_placement_order``), best fit among the tensors already placed that overlap in time."""
     n = len(tensors)
     sizes = np.array([t[0] for t in tensors], dtype=np.int64)
     starts = np.array([t[1] for t in tensors], dtype=np.int64)
     ends = np.array([t[2] for t in tensors], dtype=np.int64)
     offsets = np.zeros(n, dtype=np.int64)
     placed = np.zeros(n, dtype=bool)
-    # Largest first; among equals the longer-lived first, since it constrains more of the others.
-    order = sorted(range(n), key=lambda i: (-tensors[i][0], -(tensors[i][2] - tensors[i][1]), i))
-    for i in order:
+    for i in _placement_order(tensors, order):
         size = int(sizes[i])
         if size == 0 or ends[i] == starts[i]:
             placed[i] = True
@@ -165,7 +186,7 @@ def _valid(tensors: Sequence[Tensor], offsets: Sequence[int]) -> bool:
 
 
 def plan_layout(tensors: Sequence[Tensor], *, exact_max_tensors: int = 12, time_limit_s: float = 5.0,
-                labels: Sequence[str] | None = None) -> Layout:
+                labels: Sequence[str] | None = None, order: str = "size") -> Layout:
     """Offsets for tensors with lifetimes: greedy by size, exact MIP on tiny instances.
 
     Args:
@@ -174,12 +195,16 @@ def plan_layout(tensors: Sequence[Tensor], *, exact_max_tensors: int = 12, time_
             tensors and greedy is above the lower bound; 0 never does.
         time_limit_s (float, default 5.0): time limit of the exact solve, seconds.
         labels (Sequence[str] | None, default None): names carried into ``Layout.labels``.
+        order (str, default "size"): the greedy's placement order: ``"size"`` (largest first), ``"start"``
+            (by birth) or ``"peak"`` (those alive at the busiest moment first); none wins on every instance,
+            so a caller that can afford it tries each.
 
     Returns:
-        Layout: offsets, arena, lower bound and gap.
+        Layout: offsets, arena, lower bound and gap (method ``"greedy-by-<order>"``, or ``"mip"``).
 
     Raises:
-        ValueError: a tensor is not a valid ``(bytes, start, end)`` triple, or labels do not match.
+        ValueError: a tensor is not a valid ``(bytes, start, end)`` triple, labels do not match, or the order
+            is unknown.
 
     Example:
         >>> lay = plan_layout([(4, 0, 2), (4, 1, 3), (8, 2, 4)])
@@ -189,10 +214,12 @@ def plan_layout(tensors: Sequence[Tensor], *, exact_max_tensors: int = 12, time_
     items = _check(tensors)
     if labels is not None and len(labels) != len(items):
         raise ValueError(f"got {len(labels)} labels for {len(items)} tensors; give one per tensor or None")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     bound = lower_bound_bytes(items)
-    offsets = _greedy_offsets(items)
+    offsets = _greedy_offsets(items, order)
     arena = _arena(items, offsets)
-    method = "greedy-by-size"
+    method = f"greedy-by-{order}"
     if arena > bound and 0 < len(items) <= exact_max_tensors:
         exact = _exact_offsets(items, arena, offsets, time_limit_s)
         if exact is not None and _valid(items, exact) and _arena(items, exact) < arena:
@@ -269,17 +296,17 @@ def plan_tensors(graph: TrainingGraph, plan: Plan, *, lookahead: int = 1) -> tup
             names.append(label)
 
     add(graph.fixed_activation_bytes, 0, 2 * n + 1, "fixed")
-    add(graph.head_workspace_bytes, n, n + 1, "head workspace")
+    add(graph.head_workspace_bytes + head_change(graph, plan.head_chunks)[0], n, n + 1, "head workspace")
     for u, (unit, decision) in enumerate(zip(units, plan.decisions)):
         a = unit_amounts(unit, decision)
         back = 2 * n - u
-        rest = 0.0 if a.drops_forward else unit.saved_bytes - a.kept_bytes - a.swapped_bytes
+        rest = 0.0 if a.drops_forward else max(0.0, a.forward_bytes - a.kept_bytes - a.swapped_bytes)
         add(a.kept_bytes, u, back + 1, f"kept {unit.name}")
         add(rest, u, u + 1, f"forward intermediates {unit.name}")
         add(a.swapped_bytes, u, u + 2 if is_async else u + 1, f"swap out {unit.name}")
-        add(a.input_held * unit.input_bytes, u + 1, back, f"recompute input {unit.name}")
+        add(a.held_input_bytes, u + 1, back, f"recompute input {unit.name}")
         add(a.swapped_bytes, max(n + 1, back - lookahead) if is_async else back, back + 1, f"swap in {unit.name}")
-        add(max(0.0, unit.saved_bytes - a.kept_bytes - a.swapped_bytes), back, back + 1, f"recomputed {unit.name}")
+        add(max(0.0, a.backward_bytes - a.kept_bytes - a.swapped_bytes), back, back + 1, f"recomputed {unit.name}")
         add(unit.forward_workspace_bytes, u, u + 1, f"forward workspace {unit.name}")
         add(unit.backward_workspace_bytes, back, back + 1, f"backward workspace {unit.name}")
     return out, names

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from memopt.graph import Decision, Unit
+from memopt.graph import Decision, Mode, Unit
 
 __all__ = ["realize", "row_step"]
 
@@ -25,7 +25,8 @@ def realize(unit: Unit, keep: float, swap: float, recompute: float, row_multiple
     """Round fractions to what runs; the result's fractions are the realised ones.
 
     Rounding never adds device bytes: kept rows round down and recomputed rows up (token-wise), and
-    swapped tensors are whole ones chosen until their bytes reach the asked fraction.
+    swapped tensors are whole ones chosen until their bytes reach the asked fraction. A row split that keeps
+    every row is a ``KEEP`` decision, one that recomputes every row ``RECOMPUTE``: one decision per state.
 
     Args:
         unit (Unit): the unit decided for.
@@ -44,9 +45,12 @@ def realize(unit: Unit, keep: float, swap: float, recompute: float, row_multiple
         keep_rows = int(math.floor(keep * rows / step + 1e-9)) * step
         recompute_rows = min(rows - keep_rows, int(math.ceil(recompute * rows / step - 1e-9)) * step)
         swap_rows = rows - keep_rows - recompute_rows
-        return Decision(unit.name, keep_rows / rows, swap_rows / rows, recompute_rows / rows,
-                        token_wise=True, keep_rows=keep_rows, swap_rows=swap_rows, rows=rows,
-                        token_dims=list(unit.token_dims))
+        if keep_rows == rows:
+            return Decision(unit.name)
+        if recompute_rows == rows:
+            return Decision(unit.name, 0.0, 0.0, 1.0, Mode.RECOMPUTE)
+        return Decision(unit.name, keep_rows / rows, swap_rows / rows, recompute_rows / rows, Mode.TOKEN_WISE,
+                        keep_rows=keep_rows, swap_rows=swap_rows, rows=rows, token_dims=list(unit.token_dims))
     if recompute >= 0.5 or (recompute > 1e-9 and not unit.token_separable and keep + swap < 1e-9):
         return Decision(unit.name, 0.0, 0.0, 1.0)
     if recompute > 1e-9:

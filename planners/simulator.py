@@ -17,10 +17,13 @@ kept ones: the copy takes the memory the tensor freed.
 
 Forward of u holds ``base + fixed + shared + sum(held[v<u]) + inflight + eff[u] + forward workspace`` (the
 checkpoint workspace instead of ``eff + forward workspace`` for a whole-unit recompute), where
-``inflight`` is the previous unit's swap still being copied (asynchronous copies only). The turnaround
+``inflight`` is the previous unit's swap still being copied (asynchronous copies only). The LM head and its
+loss run at the turnaround (``other_*_s``, ``head workspace``): a plan that computes the loss over chunks of
+rows replaces the unchunked head's measured bytes and seconds there by its option's (``head_change``). The turnaround
 holds every ``held``, the last unit's swap (asynchronous) and the head workspace. Backward of u holds
 ``base + fixed + sum(held[v<u]) + S[u] + backward workspace + prefetch`` (plus the largest saved tensor
-while a token-wise split rebuilds its tensors from rows), where ``prefetch`` is the swap
+while a token-wise split rebuilds its tensors from rows, and, when u is recomputed in part or whole, what
+its forward's transients take beyond the backward workspace while it is replayed: ``replay_bytes``), where ``prefetch`` is the swap
 of the ``lookahead`` units before u being copied back. ``shared`` (tensors passed to several units, such
 as an attention mask) is held through the forward, and through the turnaround and backward too when a
 unit is recomputed wholly or selectively (conservatively, to the end: its recompute holds them).
@@ -40,9 +43,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from memopt.graph import Decision, TrainingGraph, Unit
+from memopt.graph import Decision, Mode, TrainingGraph, Unit
 
-__all__ = ["CATEGORIES", "SimResult", "UnitAmounts", "assembly_bytes", "simulate", "simulate_amounts", "unit_amounts"]
+__all__ = ["CATEGORIES", "SimResult", "UnitAmounts", "assembly_bytes", "head_change", "replay_bytes", "simulate",
+           "simulate_amounts", "unit_amounts"]
 
 #: Memory categories of a timeline point, in stacking order for a plot.
 CATEGORIES = ("model states", "fixed", "kept", "recompute input", "swap in flight", "unit working set", "workspace")
@@ -63,6 +67,10 @@ class UnitAmounts:
         selective (bool, default False): selective recompute: ``kept_bytes`` are the outputs of the unit's
             expensive ops (matmuls, attention, convolutions), its inputs are held too, and ``recompute``
             is the share of its forward time the cheap ops take.
+        held_input_bytes (float, default 0.0): bytes of the unit's inputs held for its recompute.
+        forward_bytes (float, default 0.0): saved bytes the unit's forward holds when it ends (its working
+            set beside the workspace).
+        backward_bytes (float, default 0.0): saved bytes alive while the unit's backward runs.
     """
 
     kept_bytes: float
@@ -70,6 +78,9 @@ class UnitAmounts:
     recompute: float
     row_assembly: bool = False
     selective: bool = False
+    held_input_bytes: float = 0.0
+    forward_bytes: float = 0.0
+    backward_bytes: float = 0.0
 
     @property
     def full_recompute(self) -> bool:
@@ -80,10 +91,6 @@ class UnitAmounts:
         """The forward saves nothing (whole or selective recompute): its intermediates go as they are used."""
         return self.selective or self.full_recompute
 
-    @property
-    def input_held(self) -> float:
-        """Fraction of the unit's input bytes held for a recompute."""
-        return 1.0 if self.selective else self.recompute
 
 
 @dataclass
@@ -113,46 +120,66 @@ class SimResult:
 def unit_amounts(unit: Unit, decision: Decision) -> UnitAmounts:
     """Bytes kept and swapped and the recomputed fraction that a decision means for its unit.
 
-    Token-wise decisions count rows; others count whole saved tensors when ``swap_tensors`` names them,
-    else the byte fractions as given.
+    Read through ``Decision.effective``, as the runtime reads it: token-wise decisions count rows, swap
+    decisions the bytes of the saved tensors they name.
 
     Args:
         unit (Unit): the unit.
         decision (Decision): its decision (normally from ``realize``).
 
     Raises:
-        ValueError: the decision names another unit or a saved tensor the unit does not have.
+        ValueError: the decision names another unit, a saved tensor the unit does not have, another row
+            count than the unit's, or a selective recompute of a unit profiled without one.
     """
     if decision.unit != unit.name:
         raise ValueError(f"decision for {decision.unit!r} given for unit {unit.name!r}; pass decisions in unit order")
-    saved = unit.saved_bytes
-    if decision.token_wise:
-        if unit.tokens <= 0 or decision.keep_rows + decision.swap_rows > unit.tokens:
-            raise ValueError(
-                f"decision for {unit.name!r} keeps {decision.keep_rows} and swaps {decision.swap_rows} rows but the"
-                f" unit has {unit.tokens}; realise it with planners.realize"
-            )
+    saved = float(unit.saved_bytes)
+    # Storages the step did not allocate (the batch) are held and freed by no decision, but a row split copies
+    # their rows like any other's.
+    own = float(unit.step_saved_bytes)
+    own_input = float(unit.input_bytes - unit.outside_input_bytes)
+    mode = decision.effective
+    if decision.mode is Mode.TOKEN_WISE and (not unit.token_separable or decision.rows != unit.tokens):
+        raise ValueError(
+            f"decision for {unit.name!r} splits {decision.rows} token rows but the unit "
+            f"{'has ' + str(unit.tokens) if unit.token_separable else 'is not token-separable'}; realise it with "
+            "planners.realize")
+    if mode is Mode.KEEP:
+        return UnitAmounts(own, 0.0, 0.0, forward_bytes=own, backward_bytes=own)
+    if mode is Mode.RECOMPUTE:
+        return UnitAmounts(0.0, 0.0, 1.0, held_input_bytes=own_input, backward_bytes=own)
+    if mode is Mode.TOKEN_WISE:
         keep = decision.keep_rows / unit.tokens
         swap = decision.swap_rows / unit.tokens
         recompute_rows = unit.tokens - decision.keep_rows - decision.swap_rows
         split = sum(rows > 0 for rows in (decision.keep_rows, decision.swap_rows, recompute_rows)) >= 2
-        return UnitAmounts(keep * saved, swap * saved, max(0.0, 1.0 - keep - swap), row_assembly=split)
-    if decision.selective:
+        rest = max(0.0, 1.0 - keep - swap)
+        # Backward rebuilds every tensor from its rows: all new storages.
+        return UnitAmounts(keep * saved, swap * saved, rest, row_assembly=split, held_input_bytes=rest * unit.input_bytes,
+                           forward_bytes=own, backward_bytes=saved)
+    if mode is Mode.SELECTIVE:
         if not unit.selective_bytes:
             raise ValueError(f"decision for {unit.name!r} is a selective recompute, but the unit was profiled "
                              "without one (selective_bytes is 0)")
         share = min(1.0, unit.selective_s / unit.forward_s) if unit.forward_s > 0 else 0.0
-        return UnitAmounts(float(unit.selective_bytes), 0.0, share, selective=True)
-    if decision.recompute >= _FULL:
-        return UnitAmounts(0.0, 0.0, 1.0)
-    if decision.swap_tensors:
-        bad = [i for i in decision.swap_tensors if not 0 <= i < len(unit.tensor_bytes)]
-        if bad:
-            raise ValueError(f"decision for {unit.name!r} swaps tensors {bad}, but the unit saves "
-                             f"{len(unit.tensor_bytes)}; indices are pack-order positions")
-        swapped = float(sum(unit.tensor_bytes[i] for i in set(decision.swap_tensors)))
-        return UnitAmounts(saved - swapped, swapped, 0.0)
-    return UnitAmounts(decision.keep * saved, decision.swap * saved, decision.recompute)
+        kept = float(unit.selective_bytes)
+        return UnitAmounts(kept, 0.0, share, selective=True, held_input_bytes=own_input, forward_bytes=kept,
+                           backward_bytes=own)
+    bad = [i for i in decision.swap_tensors if not 0 <= i < len(unit.tensor_bytes)]
+    if bad:
+        raise ValueError(f"decision for {unit.name!r} swaps tensors {bad}, but the unit saves "
+                         f"{len(unit.tensor_bytes)}; indices are pack-order positions")
+    outside = unit.outside_bytes or [0] * len(unit.tensor_bytes)
+    copied = float(sum(unit.tensor_bytes[i] for i in decision.swap_tensors))
+    freed = copied - sum(outside[i] for i in decision.swap_tensors)
+    # A swapped storage comes back as a new one, the batch's too.
+    return UnitAmounts(own - freed, copied, 0.0, forward_bytes=own, backward_bytes=own + copied - freed)
+
+
+def replay_bytes(unit: Unit) -> int:
+    """Backward bytes beyond the backward workspace while a unit is recomputed (its forward's transients
+    beside the saved tensors being rebuilt), for a unit whose backward replays it."""
+    return max(0, unit.forward_workspace_bytes - unit.backward_workspace_bytes)
 
 
 def assembly_bytes(unit: Unit) -> int:
@@ -160,13 +187,15 @@ def assembly_bytes(unit: Unit) -> int:
     return max(unit.tensor_bytes, default=0)
 
 
-def simulate(graph: TrainingGraph, decisions: Sequence[Decision], *, lookahead: int = 1) -> SimResult:
+def simulate(graph: TrainingGraph, decisions: Sequence[Decision], *, lookahead: int = 1,
+             head_chunks: int = 1) -> SimResult:
     """Replay decisions on a graph and return its peak memory, step time and memory timeline.
 
     Args:
         graph (TrainingGraph): the step.
         decisions (Sequence[Decision]): one per unit, in the graph's unit order.
         lookahead (int, default 1): how many units ahead backward prefetches swapped activations.
+        head_chunks (int, default 1): chunks the LM head's loss is computed over (``graph.head``'s options).
 
     Returns:
         SimResult: peak bytes, step seconds, host bytes, recompute and stall seconds, timeline.
@@ -185,11 +214,26 @@ def simulate(graph: TrainingGraph, decisions: Sequence[Decision], *, lookahead: 
     if len(decisions) != len(graph.units):
         raise ValueError(f"got {len(decisions)} decisions for {len(graph.units)} units; give one per unit in order")
     amounts = [unit_amounts(u, d) for u, d in zip(graph.units, decisions)]
-    return simulate_amounts(graph, amounts, lookahead=lookahead)
+    return simulate_amounts(graph, amounts, lookahead=lookahead, head_chunks=head_chunks)
+
+
+def head_change(graph: TrainingGraph, head_chunks: int) -> tuple[int, float]:
+    """Bytes and seconds the head's ``head_chunks`` option adds to (or takes from) the unchunked head's.
+
+    Raises:
+        ValueError: the graph's head was not profiled with that many chunks.
+    """
+    if head_chunks == 1:
+        return 0, 0.0
+    if graph.head is None:
+        raise ValueError(f"a plan computes the head's loss over {head_chunks} chunks, but the graph's head was not "
+                         "profiled; make the plan for this graph")
+    base, option = graph.head.options[0], graph.head.option(head_chunks)
+    return option.workspace_bytes - base.workspace_bytes, option.seconds - base.seconds
 
 
 def simulate_amounts(graph: TrainingGraph, amounts: Sequence[UnitAmounts], *, lookahead: int = 1,
-                     timeline: bool = True) -> SimResult:
+                     timeline: bool = True, head_chunks: int = 1) -> SimResult:
     """``simulate`` on per-unit byte amounts: the fast path planners use to try many decisions.
 
     Args:
@@ -197,24 +241,45 @@ def simulate_amounts(graph: TrainingGraph, amounts: Sequence[UnitAmounts], *, lo
         amounts (Sequence[UnitAmounts]): one per unit, in order.
         lookahead (int, default 1): prefetch distance in units.
         timeline (bool, default True): build the per-phase timeline (skip it when only figures matter).
+        head_chunks (int, default 1): chunks the LM head's loss is computed over.
     """
     if not isinstance(lookahead, int) or lookahead < 1:
         raise ValueError(f"lookahead must be an int >= 1, got {lookahead!r}; 1 prefetches the next unit")
+    head_bytes, head_s = head_change(graph, head_chunks)
+    points = _memory(graph, amounts, lookahead, head_bytes)
+    peak, peak_phase = -1.0, ""
+    for label, cats in points:
+        total = sum(cats.values())
+        if total > peak + 1e-6:
+            peak, peak_phase = total, label
+    schedule = _schedule(graph, amounts, lookahead, head_s)
+    points_out = []
+    if timeline:
+        for start, (label, cats) in zip(schedule.starts, points):
+            points_out.append((start, label, {c: int(round(cats[c])) for c in CATEGORIES}))
+    return SimResult(
+        peak_bytes=int(math.ceil(peak - 1e-6)),
+        step_s=schedule.step_s,
+        host_peak_bytes=int(math.ceil(sum(a.swapped_bytes for a in amounts) - 1e-6)),
+        recompute_s=sum(a.recompute * u.forward_s for u, a in zip(graph.units, amounts)),
+        stall_s=schedule.stall_s,
+        peak_phase=peak_phase,
+        timeline=points_out,
+    )
+
+
+def _memory(graph: TrainingGraph, amounts: Sequence[UnitAmounts], lookahead: int,
+            head_bytes: int = 0) -> list[tuple[str, dict[str, float]]]:
+    """The memory pass: one point per phase (each unit's forward, the head, each unit's backward), its bytes
+    split by category (``CATEGORIES``) so that a plot can stack them."""
     units = graph.units
     n = len(units)
-    hw = graph.hardware
-    is_async = hw.async_copies
-    unified = hw.unified_memory  # a swapped copy takes the same memory: held like a kept tensor
-    base = graph.resident_bytes
-    fixed = graph.fixed_activation_bytes
+    is_async = graph.hardware.async_copies
+    unified = graph.hardware.unified_memory  # a swapped copy takes the same memory: held like a kept tensor
     # Tensors passed to several units live through the forward, and on while a recompute needs them.
     shared = float(graph.shared_input_bytes)
     shared_after = shared if any(a.drops_forward for a in amounts) else 0.0
     swapped = [a.swapped_bytes for a in amounts]
-    d2h_s = [b / hw.d2h_bytes_per_s for b in swapped]
-    h2d_s = [b / hw.h2d_bytes_per_s for b in swapped]
-
-    # Memory: one point per phase, each split by category so a plot can stack them.
     points: list[tuple[str, dict[str, float]]] = []
     kept_sum = 0.0  # kept bytes of units before u
     input_sum = 0.0  # recompute-input bytes of units before u
@@ -222,66 +287,50 @@ def simulate_amounts(graph: TrainingGraph, amounts: Sequence[UnitAmounts], *, lo
         points.append((f"forward {unit.name}", {
             "kept": kept_sum, "recompute input": input_sum + shared,
             "swap in flight": swapped[u - 1] if is_async and u > 0 else 0.0,
-            "unit working set": (a.kept_bytes if a.selective else 0.0) if a.drops_forward else float(unit.saved_bytes),
+            "unit working set": a.forward_bytes,
             "workspace": float(unit.checkpoint_workspace_bytes if a.drops_forward else unit.forward_workspace_bytes),
         }))
         kept_sum += a.kept_bytes + (a.swapped_bytes if unified else 0.0)
-        input_sum += a.input_held * unit.input_bytes
+        input_sum += a.held_input_bytes
     points.append(("head", {
         "kept": kept_sum, "recompute input": input_sum + shared_after,
         "swap in flight": swapped[n - 1] if is_async and n else 0.0,
-        "unit working set": 0.0, "workspace": float(graph.head_workspace_bytes),
+        "unit working set": 0.0, "workspace": float(max(0, graph.head_workspace_bytes + head_bytes)),
     }))
     for u in range(n - 1, -1, -1):
         unit, a = units[u], amounts[u]
         kept_sum -= a.kept_bytes + (a.swapped_bytes if unified else 0.0)
-        input_sum -= a.input_held * unit.input_bytes
+        input_sum -= a.held_input_bytes
         prefetch = sum(swapped[max(0, u - lookahead):u]) if is_async else 0.0
         points.append((f"backward {unit.name}", {
             "kept": kept_sum, "recompute input": input_sum + shared_after, "swap in flight": prefetch,
-            "unit working set": float(unit.saved_bytes),
-            "workspace": float(unit.backward_workspace_bytes) + (assembly_bytes(unit) if a.row_assembly else 0.0),
+            "unit working set": a.backward_bytes,
+            "workspace": float(unit.backward_workspace_bytes) + (assembly_bytes(unit) if a.row_assembly else 0.0)
+            + (replay_bytes(unit) if a.recompute > 0 else 0.0),
         }))
-    peak, peak_phase = -1.0, ""
-    for label, cats in points:
-        cats["model states"] = float(base)
-        cats["fixed"] = float(fixed)
-        total = sum(cats.values())
-        if total > peak + 1e-6:
-            peak, peak_phase = total, label
+    for _, cats in points:
+        cats["model states"] = float(graph.resident_bytes)
+        cats["fixed"] = float(graph.fixed_activation_bytes)
+    return points
 
-    # Time.
-    head_s = graph.other_forward_s + graph.other_backward_s
+
+@dataclass(frozen=True)
+class _Schedule:
+    starts: list[float]  # start of each phase, in the memory pass's order
+    step_s: float
+    stall_s: float
+
+
+def _schedule(graph: TrainingGraph, amounts: Sequence[UnitAmounts], lookahead: int, head_change_s: float = 0.0) -> _Schedule:
+    """The time pass: compute, D2H and H2D streams (asynchronous copies), or copies on the compute stream."""
+    units = graph.units
+    n = len(units)
+    hw = graph.hardware
+    d2h_s = [a.swapped_bytes / hw.d2h_bytes_per_s for a in amounts]
+    h2d_s = [a.swapped_bytes / hw.h2d_bytes_per_s for a in amounts]
+    head_s = max(0.0, graph.other_forward_s + graph.other_backward_s + head_change_s)
     starts: list[float] = []
-    stall = 0.0
-    recompute_s = sum(a.recompute * u.forward_s for u, a in zip(units, amounts))
-    if is_async:
-        d2h_end = [0.0] * n
-        clock = 0.0
-        for u, unit in enumerate(units):
-            starts.append(clock)
-            compute_end = clock + unit.forward_s
-            end = max(compute_end, d2h_end[u - 1]) if u else compute_end
-            stall += end - compute_end
-            d2h_end[u] = max(end, d2h_end[u - 1] if u else 0.0) + d2h_s[u]
-            clock = end
-        head_start = max(clock, d2h_end[n - 1]) if n else clock
-        stall += head_start - clock
-        starts.append(head_start)
-        backward_start_s = head_start + head_s
-        block_start = [0.0] * n
-        h2d_end_prev = 0.0
-        clock = backward_start_s
-        for u in range(n - 1, -1, -1):
-            gate = block_start[u + lookahead] if u + lookahead < n else backward_start_s
-            h2d_end_prev = max(gate, d2h_end[u], h2d_end_prev) + h2d_s[u]
-            start = max(clock, h2d_end_prev)
-            stall += start - clock
-            block_start[u] = start
-            starts.append(start)
-            clock = start + amounts[u].recompute * units[u].forward_s + units[u].backward_s
-        step_s = clock
-    else:
+    if not hw.async_copies:
         clock = 0.0
         for u, unit in enumerate(units):
             starts.append(clock)
@@ -291,19 +340,30 @@ def simulate_amounts(graph: TrainingGraph, amounts: Sequence[UnitAmounts], *, lo
         for u in range(n - 1, -1, -1):
             starts.append(clock)
             clock += h2d_s[u] + amounts[u].recompute * units[u].forward_s + units[u].backward_s
-        stall = sum(d2h_s) + sum(h2d_s)
-        step_s = clock
-
-    points_out = []
-    if timeline:
-        for start, (label, cats) in zip(starts, points):
-            points_out.append((start, label, {c: int(round(cats[c])) for c in CATEGORIES}))
-    return SimResult(
-        peak_bytes=int(math.ceil(peak - 1e-6)),
-        step_s=step_s,
-        host_peak_bytes=int(math.ceil(sum(swapped) - 1e-6)),
-        recompute_s=recompute_s,
-        stall_s=stall,
-        peak_phase=peak_phase,
-        timeline=points_out,
-    )
+        return _Schedule(starts, clock, sum(d2h_s) + sum(h2d_s))
+    stall = 0.0
+    d2h_end = [0.0] * n
+    clock = 0.0
+    for u, unit in enumerate(units):
+        starts.append(clock)
+        compute_end = clock + unit.forward_s
+        end = max(compute_end, d2h_end[u - 1]) if u else compute_end
+        stall += end - compute_end
+        d2h_end[u] = max(end, d2h_end[u - 1] if u else 0.0) + d2h_s[u]
+        clock = end
+    head_start = max(clock, d2h_end[n - 1]) if n else clock
+    stall += head_start - clock
+    starts.append(head_start)
+    backward_start_s = head_start + head_s
+    block_start = [0.0] * n
+    h2d_end_prev = 0.0
+    clock = backward_start_s
+    for u in range(n - 1, -1, -1):
+        gate = block_start[u + lookahead] if u + lookahead < n else backward_start_s
+        h2d_end_prev = max(gate, d2h_end[u], h2d_end_prev) + h2d_s[u]
+        start = max(clock, h2d_end_prev)
+        stall += start - clock
+        block_start[u] = start
+        starts.append(start)
+        clock = start + amounts[u].recompute * units[u].forward_s + units[u].backward_s
+    return _Schedule(starts, clock, stall)

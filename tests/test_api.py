@@ -293,7 +293,7 @@ def test_autocast_is_replayed_in_recompute():
     model = hf_causal_lm("llama", num_hidden_layers=4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         graph = memopt.profile(model, hf_sample(seq=128))
-    modes = [Decision(u.name, 0.0, 0.0, 1.0, selective=i % 2 == 0) for i, u in enumerate(graph.units)]
+    modes = [Decision(u.name, 0.0, 0.0, 1.0, "selective" if i % 2 == 0 else "recompute") for i, u in enumerate(graph.units)]
     handle = memopt.apply(model, Plan(modes, 1, 1, 0, 0.0, 0.0, 0))
     got = step(model)
     handle.remove()
@@ -313,7 +313,7 @@ def test_retain_graph_twice_with_selective_recompute():
     reference = grads_twice(hf_causal_lm("gpt2", attn_implementation="sdpa", n_layer=3))
     model = hf_causal_lm("gpt2", attn_implementation="sdpa", n_layer=3)
     graph = memopt.profile(model, hf_sample(seq=128))
-    handle = memopt.apply(model, Plan([Decision(u.name, 0.0, 0.0, 1.0, selective=True) for u in graph.units],
+    handle = memopt.apply(model, Plan([Decision(u.name, 0.0, 0.0, 1.0, "selective") for u in graph.units],
                                       1, 1, 0, 0.0, 0.0, 0))
     got = grads_twice(model)
     handle.remove()

@@ -99,15 +99,43 @@ def test_report_re_renders_a_saved_plan(tmp_path, capsys, reference):
 def test_version_1_reports_still_load(tmp_path, reference):
     """A report written before the graph carried gathered and shared bytes reads as one with both at 0."""
     data = reference.to_dict()
-    assert data["version"] == 2
+    assert data["version"] == 3
     data["version"] = 1
     for key in ("gathered_param_bytes", "shared_input_bytes"):
         del data["graph"][key]
     old = PlanReport.from_dict(data)
     assert old.graph.gathered_param_bytes == 0 and old.graph.shared_input_bytes == 0
     assert old.plan == reference.plan
-    with pytest.raises(ValueError, match="version 3 is not supported"):
-        PlanReport.from_dict({**data, "version": 3})
+    with pytest.raises(ValueError, match="version 4 is not supported"):
+        PlanReport.from_dict({**data, "version": 4})
+
+
+def _as_version_2(decision: dict) -> dict:
+    """A decision as version 2 wrote it: token_wise and selective flags, no mode."""
+    out = {k: v for k, v in decision.items() if k != "mode"}
+    out["token_wise"] = decision["mode"] == "token-wise"
+    out["selective"] = decision["mode"] == "selective"
+    return out
+
+
+def test_version_2_reports_load_their_decisions_by_flag(reference):
+    data = reference.to_dict()
+    data["version"] = 2
+    data["plan"]["decisions"] = [_as_version_2(d) for d in data["plan"]["decisions"]]
+    assert PlanReport.from_dict(data).plan == reference.plan
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(keep=0.5, swap=0.5), r"keep, swap, recompute = 1.0, 0.0, 0.0"),
+    (lambda d: d.update(mode="tokenwise"), r"mode must be one of .*'token-wise'"),
+    (lambda d: d.update(swap_tensors=[0], swap=0.5, keep=0.5, mode="swap", rows=3), r"rows=3 has no meaning for mode 'swap'"),
+    (lambda d: d.update(surprise=1), r"unknown fields \['surprise'\]"),
+], ids=["fractions-without-tensors", "old-spelling", "foreign-field", "unknown-field"])
+def test_an_edited_report_that_no_runtime_could_carry_out_is_refused_by_name(reference, edit, message):
+    data = reference.to_dict()
+    edit(data["plan"]["decisions"][0])
+    with pytest.raises(ValueError, match=message):
+        PlanReport.from_dict(data)
 
 
 def test_custom_gpu_figures_override_the_preset(tmp_path, capsys):

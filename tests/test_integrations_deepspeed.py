@@ -66,7 +66,7 @@ if use_memopt and (kind in ("gpt2-selective", "view-tokenwise") or swap):
     from memopt.planners import realize
     graph = memopt.profile(model, batches[0])
     if kind == "gpt2-selective":
-        decisions = [Decision(u.name, 0.0, 0.0, 1.0, selective=True) for u in graph.units]
+        decisions = [Decision(u.name, 0.0, 0.0, 1.0, "selective") for u in graph.units]
     elif kind == "llama":  # swap every other layer whole, recompute the rest
         decisions = [realize(u, 0.0, 1.0, 0.0) if i % 2 else realize(u, 0.0, 0.0, 1.0)
                      for i, u in enumerate(graph.units)]

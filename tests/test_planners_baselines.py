@@ -21,7 +21,7 @@ def test_sqrt_n_keeps_one_unit_per_segment(n_units: int, kept: set[int]) -> None
 @pytest.mark.parametrize("name, mode", [("none", "keep"), ("checkpoint-all", "recompute"), ("offload-all", "swap")])
 def test_uniform_baselines(name: str, mode: str) -> None:
     graph = random_graph(8, 2)
-    assert {d.mode for d in baseline_decisions(graph, name)} == {mode}
+    assert {d.label for d in baseline_decisions(graph, name)} == {mode}
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -20,7 +20,9 @@ def test_choices_count_and_neighbours(allow_swap: bool, allow_recompute: bool) -
             n = choice.n_steps
             expected = {(True, True): (n + 1) * (n + 2) // 2, (False, True): n + 1, (True, False): n + 1}
             assert len(every) == expected[(allow_swap, allow_recompute)]
-            assert all(d.token_wise for d in every)
+            # Row cuts; keeping every row is a keep, recomputing every row a recompute.
+            assert all(d.mode in ("token-wise", "keep", "recompute") for d in every)
+            assert sum(d.mode == "keep" for d in every) == 1
         else:
             prefixes = len(choice.prefix_bytes)
             assert prefixes == (1 + sum(1 for b in unit.tensor_bytes if b) if allow_swap else 1)

@@ -41,3 +41,20 @@ def test_a_plan_spoiled_by_one_move_is_polished_back_to_the_solvers_speed(seed):
     spoiled[kept[0]] = choices[kept[0]].recompute()
     polished = polish(graph, spoiled, choices, budget_bytes=budget, host_budget_bytes=graph.hardware.host_bytes)
     assert simulate(graph, polished).step_s <= best.predicted_step_s * (1 + 1e-9)
+
+
+def test_a_free_selective_recompute_is_polished_back_to_keep():
+    """A selective recompute measured as costing nothing ties with keeping in step time; the MIP prefers the
+    keep by a term below its gap, so polishing must too, or the plan changes from run to run."""
+    import dataclasses
+
+    from memopt.graph import Decision
+
+    graph = random_graph(6, seed=5, separable_fraction=0.0)
+    units = [dataclasses.replace(u, selective_bytes=u.saved_bytes // 2, selective_s=0.0) for u in graph.units]
+    graph = dataclasses.replace(graph, units=units)
+    choices = _choices(graph, allow_swap=False)
+    selective = [c.selective() for c in choices]
+    budget = baseline_plan(graph, "none").predicted_peak_bytes
+    polished = polish(graph, selective, choices, budget_bytes=budget, host_budget_bytes=graph.hardware.host_bytes)
+    assert all(d == Decision(u.name) for d, u in zip(polished, graph.units))

@@ -32,7 +32,7 @@ SWAP_ALL0 = Decision("u0", keep=0.0, swap=1.0, swap_tensors=[0, 1])
 SWAP_ALL1 = Decision("u1", keep=0.0, swap=1.0, swap_tensors=[0])
 RECOMPUTE1 = Decision("u1", keep=0.0, swap=0.0, recompute=1.0)
 # u2 token-wise: rows [0, 2) kept, [2, 3) swapped, [3, 4) recomputed: 16 B kept, 8 B swapped, 2.5 B of input.
-ROWS2 = Decision("u2", keep=0.5, swap=0.25, recompute=0.25, token_wise=True, keep_rows=2, swap_rows=1)
+ROWS2 = Decision("u2", keep=0.5, swap=0.25, recompute=0.25, keep_rows=2, swap_rows=1, rows=4, token_dims=[0, 0])
 
 # Each case: graph options, decisions, lookahead, then the expected peak bytes, phase at the peak, step
 # seconds, stall seconds, recompute seconds, host bytes and every phase's bytes (forward..., head, backward...).

@@ -65,7 +65,7 @@ def predicted_and_measured(model, batch, modes: str) -> tuple[int, int, memopt.T
 
     graph = memopt.profile(model, batch)
     fractions = {"k": (1, 0, 0), "r": (0, 0, 1)}
-    decisions = [Decision(u.name, 0.0, 0.0, 1.0, selective=True) if m == "s" else realize(u, *fractions[m])
+    decisions = [Decision(u.name, 0.0, 0.0, 1.0, "selective") if m == "s" else realize(u, *fractions[m])
                  for u, m in zip(graph.units, modes)]
     predicted = simulate(graph, decisions).peak_bytes - graph.model_state_bytes
     handle = memopt.apply(model, Plan(decisions, 1, 1, 0, 0.0, 0.0, 0))

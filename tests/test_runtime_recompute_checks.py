@@ -51,7 +51,7 @@ def _apply(model, decide):
 
 @pytest.mark.parametrize("decide", [
     lambda u: realize(u, 0.0, 0.0, 1.0),
-    lambda u: Decision(u.name, 0.0, 0.0, 1.0, selective=True),
+    lambda u: Decision(u.name, 0.0, 0.0, 1.0, "selective"),
 ], ids=["recompute", "selective"])
 def test_a_unit_that_takes_another_branch_in_its_recompute_is_named(decide):
     model = Net()

@@ -20,6 +20,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from .._storages import StorageMap
+from ..decisions import Mode
 from .caches import CacheSnapshots, changed
 from .selective import ExpensiveOutputs
 from .store import HostEntry
@@ -29,20 +30,23 @@ __all__ = ["Frame", "UnitPolicy"]
 
 @dataclass(frozen=True)
 class UnitPolicy:
-    """What one unit does with its saved tensors.
+    """What one unit does with its saved tensors (``memopt.api.policy_for`` makes it from a ``Decision``).
 
-    ``mode`` is ``keep``, ``swap`` (distinct storages whose index is in ``swap_tensors``),
-    ``recompute`` (all), ``selective`` (all, replayed with the expensive ops' outputs kept from the
-    forward), or ``tokenwise`` (rows ``[0, keep_rows)`` kept, the next ``swap_rows`` swapped,
-    the rest recomputed; ``token_dims`` per distinct storage; ``rows`` the profiled row count).
+    ``mode`` is ``KEEP``, ``SWAP`` (distinct storages whose index is in ``swap_tensors``), ``RECOMPUTE``
+    (all), ``SELECTIVE`` (all, replayed with the expensive ops' outputs kept from the forward), or
+    ``TOKEN_WISE`` (rows ``[0, keep_rows)`` kept, the next ``swap_rows`` swapped, the rest recomputed;
+    ``token_dims`` per distinct storage; ``rows`` the profiled row count).
     """
 
-    mode: str
+    mode: Mode
     swap_tensors: frozenset[int] = frozenset()
     keep_rows: int = 0
     swap_rows: int = 0
     rows: int = 0
     token_dims: tuple[int | None, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", Mode(self.mode))
 
 
 class _Dropped:
@@ -109,16 +113,16 @@ class Frame:
         self.drop_input = None
         self.recorded: list | None = None  # expensive ops' outputs, for a selective replay
         self.caches: CacheSnapshots | None = None
-        if mode in ("recompute", "selective"):
+        if mode in (Mode.RECOMPUTE, Mode.SELECTIVE):
             self.args, self.kwargs = args, kwargs
             self.caches = CacheSnapshots(args, kwargs) or None
-        elif mode == "tokenwise":
+        elif mode is Mode.TOKEN_WISE:
             x = args[0]
             dropped = policy.rows - policy.keep_rows - policy.swap_rows
             if dropped:
                 flat = x.detach().reshape(policy.rows, -1)
                 self.drop_input = (flat[policy.rows - dropped:].clone(), x.requires_grad, row_input_shape(x, dropped))
-        if mode in ("recompute", "selective") or self.drop_input is not None:
+        if mode in (Mode.RECOMPUTE, Mode.SELECTIVE) or self.drop_input is not None:
             self.cpu_rng = torch.get_rng_state()
             self.cuda_rng = None
             device = runtime.device
@@ -140,10 +144,10 @@ class Frame:
             self.distinct += 1
             self.storage_index.add(storage, index)
         mode = self.policy.mode
-        if mode in ("recompute", "selective"):
+        if mode in (Mode.RECOMPUTE, Mode.SELECTIVE):
             self.dropped[call] = _describe(tensor)
             return _Dropped(self, call)
-        if mode == "swap":
+        if mode is Mode.SWAP:
             if index not in self.policy.swap_tensors:
                 return tensor.detach()
             if first:
@@ -155,7 +159,7 @@ class Frame:
                 return tensor.detach()
             self.handles[index] = self.handles.get(index, 0) + 1
             return _Swapped(self, index, tensor)
-        if mode == "tokenwise":
+        if mode is Mode.TOKEN_WISE:
             return self._pack_rows(tensor, index, first)
         # Detached: returning a saved output itself would tie it to its own grad_fn in a cycle.
         return tensor.detach()
@@ -265,7 +269,7 @@ class Frame:
     # -- recompute ----------------------------------------------------------------------------------
     def forward_context(self):
         """What the first forward runs under besides the pack hooks: the recorder of a selective unit."""
-        if self.policy.mode != "selective":
+        if self.policy.mode is not Mode.SELECTIVE:
             return contextlib.nullcontext()
         mode = ExpensiveOutputs(self.runtime.device)
         self.recorded = mode.recorded
