@@ -3,19 +3,30 @@ alternatives, on whatever accelerator is there.
 
     python bench/train_gpu.py                    # GPU: seq 16384, methods none, hf-ckpt, memopt at hf-ckpt's peak
     python bench/train_gpu.py --tiny            # any machine: a 2-layer model at seq 256 (checks the script)
+    python bench/train_gpu.py --out DIR --trace  # rows as JSON and CSV in DIR, a torch.profiler trace beside them
 
 Methods: ``none``; ``hf-ckpt`` (Hugging Face gradient checkpointing, non-reentrant); ``memopt-match`` (memopt
 with a byte budget equal to hf-ckpt's measured peak, so the comparison is speed at equal memory);
 ``memopt-50`` (half the activation peak). Figures per method: median step seconds and its ratio to none,
-peak allocated and reserved GiB, reserved/allocated. DESIGN's target: memopt's peak at or below
-hf-ckpt's, its step within 1.08x of none, reserved/allocated <= 1.02. The rows go to
-bench/results/train_gpu.csv and the table in bench/README.md.
+peak allocated and reserved GiB (for memopt counted from after its profiling: the steps it trains, as a user
+would see them), reserved/allocated, and for memopt the plan's predicted peak, the workspace bytes the
+profile measured and the host arena's use. DESIGN's target: memopt's peak at or below hf-ckpt's, its step
+within 1.08x of none, reserved/allocated <= 1.02. A method that fails (OOM, an error) gets a row with the
+error and the others still run.
+
+Output: with ``--out DIR`` (default ``$OUT`` when set, as on the GPU machine) the rows go to
+``DIR/train_gpu.json`` and ``DIR/train_gpu.csv`` (and each memopt plan to ``DIR/plan_<method>.json``);
+without it, to bench/results/train_gpu.csv and the table in bench/README.md. Prerequisites (transformers,
+pulp with a CBC solver, memopt's C allocator built or a C compiler to build it) are checked first.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import gc
+import json
+import os
 import statistics
 import sys
 import time
@@ -24,9 +35,40 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import write_rows  # noqa: E402
+from harness import environment, write_rows  # noqa: E402
 
 import memopt  # noqa: E402
+
+METHODS = ("none", "hf-ckpt", "memopt-match", "memopt-50")
+_STARTED = time.perf_counter()
+
+
+def say(message: str) -> None:
+    print(f"[train_gpu {time.perf_counter() - _STARTED:7.1f}s] {message}", flush=True)
+
+
+def check_prerequisites() -> list[str]:
+    """What is missing for a run, one line each with its fix; empty when all is there."""
+    missing = []
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        missing.append("transformers is not installed: pip install 'transformers>=4.44'")
+    try:
+        from memopt.planners._cbc import cbc_path
+
+        cbc_path()
+    except ImportError:
+        missing.append("pulp is not installed: pip install 'pulp>=3.3.1,<4'")
+    except Exception as exc:  # noqa: BLE001 - MemoptError naming what was looked for
+        missing.append(f"no CBC solver for the planner: {exc}")
+    try:
+        from memopt.pools import _lib
+
+        _lib.library()  # loads the built _moalloc.so, or compiles it with the machine's C compiler
+    except ImportError as exc:
+        missing.append(f"memopt's C allocator is not built and cannot be: {exc}")
+    return missing
 
 
 def build(args, device, dtype):
@@ -51,11 +93,44 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def step(model, opt, sample) -> torch.Tensor:
+    loss = model(**sample).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def optimize_then_reset_peaks(model, sample, budget, device):
+    """``memopt.optimize``, then a fresh start of the allocator's peak figures: memopt's peaks count the steps it
+    trains, not its profiling (paid once, and bounded by the leanest plan's memory anyway)."""
+    handle = memopt.optimize(model, sample, budget)
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()
+    return handle
+
+
 def run(method: str, args, device, dtype, budget=None) -> dict:
+    try:
+        return _run(method, args, device, dtype, budget)
+    except torch.OutOfMemoryError:
+        row = {"method": method, "seq": args.seq, "error": "OOM"}
+    except Exception as exc:  # noqa: BLE001 - one failing method must not cost the others their figures
+        row = {"method": method, "seq": args.seq, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    say(f"{method}: {row['error']}")
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def _run(method: str, args, device, dtype, budget=None) -> dict:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    say(f"{method}: building the model")
     model = build(args, device, dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
     ids = torch.randint(0, model.config.vocab_size, (1, args.seq), device=device)
@@ -65,53 +140,131 @@ def run(method: str, args, device, dtype, budget=None) -> dict:
     if method == "hf-ckpt":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif method.startswith("memopt"):
+        say(f"{method}: profiling and planning (budget {budget!r})")
         start = time.perf_counter()
-        handle = memopt.optimize(model, sample, budget)
+        handle = optimize_then_reset_peaks(model, sample, budget, device)
         plan_s = time.perf_counter() - start
     times = []
-    for step in range(args.steps + 1):
+    for index in range(args.steps + 1):
         sync(device)
         start = time.perf_counter()
-        loss = model(**sample).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = step(model, opt, sample)
         sync(device)
-        if step:
+        if index:
             times.append(time.perf_counter() - start)
-    row = {"method": method, "seq": args.seq, "step_s": round(statistics.median(times), 4), "loss": round(loss.item(), 4),
-           "plan_s": round(plan_s, 2), "decisions": "", "predicted_overhead": ""}
+    say(f"{method}: {args.steps} timed steps, median {statistics.median(times):.4f} s")
+    row = {"method": method, "seq": args.seq, "step_s": round(statistics.median(times), 4),
+           "loss": round(loss.item(), 4), "plan_s": round(plan_s, 2), "decisions": "", "predicted_overhead": ""}
     if device.type == "cuda":
         alloc, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
         row.update(peak_alloc_gib=round(alloc / 2**30, 2), peak_reserved_gib=round(reserved / 2**30, 2),
                    reserved_vs_alloc=round(reserved / alloc, 3))
+    if args.trace and method == args.trace_method:
+        row["trace"] = trace_step(model, opt, sample, device, args.out, method)
     if handle is not None:
-        row["decisions"] = " ".join(f"{n}x{m}" for m, n in sorted(
-            {m: sum(d.mode == m for d in handle.plan.decisions) for m in {d.mode for d in handle.plan.decisions}}.items()))
-        row["predicted_overhead"] = round(handle.plan.overhead, 3)
+        row.update(_memopt_figures(handle, args.out, method))
         handle.remove()
-    print(row, flush=True)
+    del model, opt, handle
+    say(f"{method}: {row}")
     return row
 
 
-def main() -> None:
+def _memopt_figures(handle, out: Path | None, method: str) -> dict:
+    plan = handle.plan
+    modes = {d.label for d in plan.decisions}
+    stats = handle.stats()
+    figures = {
+        "decisions": " ".join(f"{n}x{m}" for m, n in sorted({m: sum(d.label == m for d in plan.decisions)
+                                                             for m in modes}.items())),
+        "predicted_overhead": round(plan.overhead, 3),
+        "predicted_peak_gib": round(plan.predicted_peak_bytes / 2**30, 2),
+        "device_workspace_mib": round(handle.graph.meta.get("device_workspace_bytes", 0) / 2**20, 1),
+        "host_peak_gib": round(stats.get("host_peak_bytes", 0) / 2**30, 2),
+        "host_capacity_gib": round(stats.get("host_capacity_bytes", 0) / 2**30, 2),
+        "refused_mib": round(stats.get("refused_bytes", 0) / 2**20, 1),
+    }
+    if out is not None:
+        (out / f"plan_{method}.json").write_text(plan.to_json())
+        (out / f"graph_{method}.json").write_text(handle.graph.to_json())
+    return figures
+
+
+def trace_step(model, opt, sample, device, out: Path | None, method: str) -> str:
+    """One more step under ``torch.profiler``; its Chrome trace (gzipped) goes to ``out``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    say(f"{method}: tracing one step with torch.profiler")
+    with profile(activities=activities, record_shapes=False, with_stack=False) as prof:
+        step(model, opt, sample)
+        sync(device)
+    path = (out or Path(".")) / f"trace_{method}.json.gz"
+    prof.export_chrome_trace(str(path))
+    table = prof.key_averages().table(sort_by="cuda_time_total" if device.type == "cuda" else "cpu_time_total",
+                                      row_limit=25)
+    (out or Path(".")).joinpath(f"trace_{method}_top_ops.txt").write_text(table)
+    return path.name
+
+
+def write_out(out: Path, rows: list[dict]) -> None:
+    env = environment()
+    rows = [{**row, **env} for row in rows]
+    (out / "train_gpu.json").write_text(json.dumps(rows, indent=1))
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with (out / "train_gpu.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model at seq 256, on any device")
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
-    args = parser.parse_args()
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    parser.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None,
+                        help="folder for the rows, plans and trace (default $OUT when set; else bench/results)")
+    parser.add_argument("--trace", action="store_true", help="trace one more step of --trace-method")
+    parser.add_argument("--trace-method", default="memopt-match")
+    args = parser.parse_args(argv)
     args.seq = args.seq or (256 if args.tiny else 16384)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    missing = check_prerequisites()
+    if missing:
+        print("train_gpu cannot run; missing:\n  " + "\n  ".join(missing), file=sys.stderr)
+        return 2
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rows = [run("none", args, device, dtype), run("hf-ckpt", args, device, dtype)]
-    match = int(rows[1]["peak_alloc_gib"] * 2**30) if device.type == "cuda" else 0.5
-    rows.append(run("memopt-match", args, device, dtype, budget=match))
-    rows.append(run("memopt-50", args, device, dtype, budget=0.5))
-    base = rows[0]["step_s"]
+    say(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), seq {args.seq}, "
+        f"methods {', '.join(methods)}")
+    rows: list[dict] = []
+    for method in methods:
+        budget = None
+        if method == "memopt-match":
+            ckpt = next((r for r in rows if r["method"] == "hf-ckpt" and "peak_alloc_gib" in r), None)
+            budget = int(ckpt["peak_alloc_gib"] * 2**30) if ckpt is not None else 0.5
+        elif method == "memopt-50":
+            budget = 0.5
+        rows.append(run(method, args, device, dtype, budget))
+        if args.out is not None:
+            write_out(args.out, rows)  # after each method: a later crash keeps what was measured
+    base = next((r["step_s"] for r in rows if r["method"] == "none" and "step_s" in r), None)
     for row in rows:
-        row["step_vs_none"] = round(row["step_s"] / base, 3)
-    write_rows("train_gpu", rows)
+        if base and "step_s" in row:
+            row["step_vs_none"] = round(row["step_s"] / base, 3)
+    if args.out is not None:
+        write_out(args.out, rows)
+        say(f"rows in {args.out / 'train_gpu.csv'}")
+    else:
+        write_rows("train_gpu", rows)
+    return 0 if all("error" not in row for row in rows) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

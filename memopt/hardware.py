@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -88,38 +89,40 @@ class Hardware:
         import torch
 
         host_bytes = _host_memory_bytes()
-        if dev.type == "cuda":
+        cuda = dev.type == "cuda"
+        if cuda:
             props = torch.cuda.get_device_properties(dev)
             device_bytes, name = int(props.total_memory), props.name
-            sync = lambda: torch.cuda.synchronize(dev)  # noqa: E731
             dtype = torch.bfloat16
         else:
             device_bytes, name = host_bytes, "cpu"
-            sync = lambda: None  # noqa: E731
             dtype = torch.float32
-        n_bytes = 64 << 20 if dev.type == "cuda" else 16 << 20
-        host = torch.empty(n_bytes, dtype=torch.uint8, pin_memory=dev.type == "cuda")
-        dev_buf = torch.empty(n_bytes, dtype=torch.uint8, device=dev)
-        dev_buf2 = torch.empty_like(dev_buf)
-
-        def rate(fn, work: float, repeats: int = 5) -> float:
-            fn()
-            sync()
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                fn()
-                sync()
-                times.append(time.perf_counter() - start)
-            return work / max(sorted(times)[len(times) // 2], 1e-9)
-
-        h2d = rate(lambda: dev_buf.copy_(host, non_blocking=True), n_bytes)
-        d2h = rate(lambda: host.copy_(dev_buf, non_blocking=True), n_bytes)
-        mem = rate(lambda: dev_buf2.copy_(dev_buf), 2 * n_bytes)
-        side = 2048 if dev.type == "cuda" else 256
-        a = torch.randn(side, side, device=dev, dtype=dtype)
-        flops = rate(lambda: a @ a, 2 * side**3)
-        return cls(name, device_bytes, host_bytes // 2, h2d, d2h, flops, mem, async_copies=dev.type == "cuda",
+        # Work long enough to time. On an H100 a 64 MiB copy takes about a millisecond and a 2048^3 matmul
+        # about 20 us, mostly launch and clock ramp-up (30-50 % under the true rates); 256 MiB copies and
+        # 8192^3 matmuls run for milliseconds each and are timed on the device by CUDA events, in batches
+        # (checked on a GPU by tests/test_profiler_cuda.py::test_measure_on_cuda_is_repeatable_and_near_the_card).
+        n_bytes = 256 << 20 if cuda else 16 << 20
+        side = 8192 if cuda else 256
+        events = (lambda: torch.cuda.Event(enable_timing=True)) if cuda else None  # noqa: E731
+        timing = {"events": events, "batch": 4, "repeats": 3} if cuda else {"batch": 1, "repeats": 5}
+        with torch.cuda.device(dev) if cuda else contextlib.nullcontext():
+            host = torch.empty(n_bytes, dtype=torch.uint8, pin_memory=cuda)
+            dev_buf = torch.empty(n_bytes, dtype=torch.uint8, device=dev)
+            dev_buf2 = torch.empty_like(dev_buf)
+            h2d = n_bytes / _seconds_per_call(lambda: dev_buf.copy_(host, non_blocking=True), **timing)
+            d2h = n_bytes / _seconds_per_call(lambda: host.copy_(dev_buf, non_blocking=True), **timing)
+            mem = 2 * n_bytes / _seconds_per_call(lambda: dev_buf2.copy_(dev_buf), **timing)
+            del host, dev_buf, dev_buf2
+            a = torch.randn(side, side, device=dev, dtype=dtype)
+            flops = 2 * side**3 / _seconds_per_call(lambda: a @ a, **timing)
+            del a
+            if cuda:
+                torch.cuda.synchronize(dev)
+                # The pinned buffer went back to torch's host cache, which would keep it for good.
+                empty_host_cache = getattr(torch._C, "_host_emptyCache", None)
+                if empty_host_cache is not None:
+                    empty_host_cache()
+        return cls(name, device_bytes, host_bytes // 2, h2d, d2h, flops, mem, async_copies=cuda,
                    unified_memory=dev.type in ("cpu", "mps"))
 
     def to_dict(self) -> dict:
@@ -134,6 +137,30 @@ class Hardware:
 
 
 _MEASURED: dict[str, Hardware] = {}
+
+
+def _seconds_per_call(fn, events=None, *, batch: int = 4, repeats: int = 3) -> float:
+    """Median seconds of one ``fn()``, over ``repeats`` batches of ``batch`` back-to-back calls after one warm-up
+    batch. ``events`` makes timing events (CUDA): each batch is timed on the device between two of them, so
+    neither launch latency nor a host synchronisation counts; None times on the CPU wall clock."""
+    for _ in range(batch):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if events is None:
+            start_s = time.perf_counter()
+            for _ in range(batch):
+                fn()
+            times.append((time.perf_counter() - start_s) / batch)
+            continue
+        start, end = events(), events()
+        start.record()
+        for _ in range(batch):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / batch)
+    return max(sorted(times)[len(times) // 2], 1e-9)
 
 
 def _host_memory_bytes() -> int:

@@ -9,10 +9,12 @@ import weakref
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from .._storages import StorageMap
 from .._warn import warn
 from ..blocks import call_name, split_name
+from ..decisions import Mode
 from .engine import Frame, UnitPolicy, unpack
 from .store import HostStore
 from .switches import ModelSwitches
@@ -52,7 +54,7 @@ class Runtime:
         self.on_shape_change = on_shape_change
         self.recorder = recorder
         self.device = _model_device(model)
-        needs_store = any(p.mode == "swap" or (p.mode == "tokenwise" and p.swap_rows) for p in policies)
+        needs_store = any(p.mode is Mode.SWAP or (p.mode is Mode.TOKEN_WISE and p.swap_rows) for p in policies)
         self.store = HostStore(self.device, host_capacity_bytes) if needs_store else None
         self.param_storages = StorageMap()
         self.frames: dict[int, weakref.ref] = {}
@@ -71,6 +73,7 @@ class Runtime:
         self._calls: dict[int, int] = {}
         self._saved_forward: dict[int, object] = {}
         self._root_hook = None
+        self._root_output_hook = None
         self._switches: ModelSwitches | None = None
         self._announce = announce
 
@@ -84,6 +87,8 @@ class Runtime:
             self._saved_forward[key] = module.__dict__.get("forward", _MISSING)
             module.forward = functools.partial(self._call, key, module.forward)
         self._root_hook = self.model.register_forward_pre_hook(lambda *_: self.new_step())
+        # The loss's gradient starts backward: the last units' copies back begin under the head's backward.
+        self._root_output_hook = self.model.register_forward_hook(self._on_model_output)
         self.refresh_params()
 
     def new_step(self) -> None:
@@ -102,6 +107,9 @@ class Runtime:
         if self._root_hook is not None:
             self._root_hook.remove()
             self._root_hook = None
+        if self._root_output_hook is not None:
+            self._root_output_hook.remove()
+            self._root_output_hook = None
         if self._switches is not None:
             self._switches.restore()
             self._switches = None
@@ -131,8 +139,8 @@ class Runtime:
         index, fallback = self._unit_of_call(key)
         policy = fallback or self._policy_for(index, args, kwargs)
         recorder = self.recorder
-        if policy.mode == "keep" and recorder is None:
-            return forward(*args, **kwargs)
+        if policy.mode is Mode.KEEP and recorder is None:
+            return self._watch_backward(index, forward(*args, **kwargs))
         self.forward_calls += 1
         frame = Frame(self, index, policy, forward, args, kwargs)
         self.frames[index] = weakref.ref(frame)
@@ -143,7 +151,36 @@ class Runtime:
             out = forward(*args, **kwargs)
         if recorder is not None:
             recorder.after_forward(index, args, kwargs, out, forward)
+        return self._watch_backward(index, out)
+
+    def _watch_backward(self, index: int, out):
+        """Have the gradient of ``out`` (unit ``index``'s output; ``len(units)`` for the model's) start the copies
+        back of the units whose backward comes next. It arrives as that backward begins, whether or not the unit
+        unpacks anything (a kept one never does), so the copies overlap it as the simulator has them."""
+        if self.store is not None and self.store.asynchronous:
+            loss = getattr(out, "loss", None)  # a model output that is no pytree node (older transformers)
+            leaves = {id(leaf): leaf for leaf in (*tree_leaves(out), loss) if isinstance(leaf, torch.Tensor)}
+            for leaf in leaves.values():
+                if leaf.requires_grad:
+                    leaf.register_hook(functools.partial(self._backward_reached, index))
         return out
+
+    def _on_model_output(self, _module, _args, out) -> None:
+        self._watch_backward(len(self.units), out)
+
+    def _backward_reached(self, index: int, grad) -> None:
+        # H2D of unit u starts when the backward of u + lookahead starts (simulator); the gradient stays as it is.
+        self._prefetch_units(index, index - self.lookahead)
+
+    def _prefetch_units(self, top: int, bottom: int) -> None:
+        """Start the copies back of units ``top`` down to ``bottom`` (a no-op for those started or fetched)."""
+        if self.store is None:
+            return
+        for unit in range(top, max(bottom, 0) - 1, -1):
+            ref = self.frames.get(unit)
+            frame = ref() if ref is not None else None
+            if frame is not None:
+                frame.prefetch()
 
     def _unit_of_call(self, key: int) -> tuple[int, UnitPolicy | None]:
         """The unit of this call of a module, and the policy replacing its own when the call was not planned."""
@@ -162,7 +199,7 @@ class Runtime:
             path = split_name(self.unit_names[slots[0]])[0]
             warn(f"memopt: {path!r} was called {call + 1} times in one step but planned for {len(slots)} calls; the "
                  "calls beyond are recomputed whole (exact, may cost time). handle.replan(sample) plans them")
-        return slots[-1], UnitPolicy("recompute")
+        return slots[-1], UnitPolicy(Mode.RECOMPUTE)
 
     def _add_unit(self, key: int, call: int) -> int:
         slots = self._slots[key]
@@ -178,7 +215,7 @@ class Runtime:
 
     def _policy_for(self, index: int, args, kwargs) -> UnitPolicy:
         policy = self.policies[index]
-        if policy.mode != "tokenwise":
+        if policy.mode is not Mode.TOKEN_WISE:
             return policy
         x = args[0] if args else None
         if (isinstance(x, torch.Tensor) and len(args) == 1 and not kwargs and x.dim() >= 2
@@ -197,19 +234,17 @@ class Runtime:
                 f"memopt: a batch of another shape than the profiled one reached unit {self.unit_names[index]!r}; "
                 "its token-wise plan is replaced by full recompute (exact, slower). handle.replan(sample) "
                 "plans for the new shape", stacklevel=3)
-        return UnitPolicy("recompute")
+        return UnitPolicy(Mode.RECOMPUTE)
 
     # -- callbacks from frames ----------------------------------------------------------------------
     def on_unit_backward(self, frame: Frame) -> None:
         if self.store is not None:
-            # The unit's own swapped tensors come back together as its backward starts (a no-op when a
-            # prefetch already brought them); later units' copies start now only where they overlap.
+            # The unit's own swapped tensors come back together as its backward starts (a no-op when its
+            # output's gradient hook already started them); later units' copies start now only where they
+            # overlap (asynchronous copies).
             frame.prefetch()
-            for ahead in range(1, (self.lookahead if self.store.cuda else 0) + 1):
-                ref = self.frames.get(frame.unit_index - ahead)
-                other = ref() if ref is not None else None
-                if other is not None:
-                    other.prefetch()
+            if self.store.asynchronous:
+                self._prefetch_units(frame.unit_index - 1, frame.unit_index - self.lookahead)
         if self.recorder is not None:
             self.recorder.on_backward(frame.unit_index)
 

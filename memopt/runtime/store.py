@@ -1,26 +1,36 @@
 """Host memory for swapped activations, with asynchronous copies on CUDA.
 
-A tensor put into the store is copied into host memory (pinned on CUDA, on a side stream so the copy
-overlaps compute); ``fetch`` brings it back to the device, and ``prefetch`` starts that copy early on
-its own stream. On CPU the same path runs with synchronous copies, so it is tested without a GPU.
+A tensor put into the store is copied into host memory (page-locked on CUDA, on a side stream so the copy
+overlaps compute); ``fetch`` brings it back to the device, and ``prefetch`` starts that copy early on its
+own stream. Nothing here ever waits on the CPU for the GPU: a host block whose copies may still run is
+freed later, once its events say they are done (``reclaim``). On CPU the same path runs with synchronous
+copies, so it is tested without a GPU; the CUDA calls go through one object (``CudaOps``) that a test can
+replace with fakes to run the asynchronous path on CPU tensors.
 """
 
 from __future__ import annotations
 
+import collections
+import weakref
+
 import torch
 
-__all__ = ["HostEntry", "HostStore"]
+from .._warn import warn
+
+__all__ = ["CudaOps", "HostEntry", "HostStore"]
 
 
 class HostEntry:
     """One swapped tensor: its host copy, the copy events, and (after a prefetch) its device copy."""
 
-    __slots__ = ("store", "host", "block", "dtype", "shape", "device", "d2h_event", "device_copy", "h2d_event")
+    __slots__ = ("store", "host", "block", "dtype", "shape", "device", "d2h_event", "device_copy", "h2d_event",
+                 "fetched")
 
     def __init__(self, store: HostStore, host: torch.Tensor, block, dtype, shape, device) -> None:
         self.store, self.host, self.block = store, host, block
         self.dtype, self.shape, self.device = dtype, shape, device
         self.d2h_event = self.device_copy = self.h2d_event = None
+        self.fetched = False
 
     def __del__(self) -> None:
         store = getattr(self, "store", None)
@@ -28,33 +38,107 @@ class HostEntry:
             store._release(self)
 
 
+class CudaOps:
+    """The CUDA calls of a ``HostStore``: streams, events, ``record_stream`` and pinning its host buffer.
+
+    They need a GPU: tests/test_runtime_store.py runs the store's logic on CPU through fakes of them, and
+    tests/test_runtime_cuda.py checks the calls themselves (pinning in place, no synchronisation in a step,
+    CPU seeds of attention kept).
+
+    Args:
+        device (torch.device): the CUDA device.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def stream(self):
+        return torch.cuda.Stream(self.device)
+
+    def event(self):
+        return torch.cuda.Event()
+
+    def current_stream(self):
+        return torch.cuda.current_stream(self.device)
+
+    def use(self, stream):
+        return torch.cuda.stream(stream)
+
+    def record_stream(self, tensor: torch.Tensor, stream) -> None:
+        tensor.record_stream(stream)
+
+    def pin(self, buffer: torch.Tensor) -> bool:
+        """Page-lock ``buffer``'s memory where it lies, at its exact size; False (and a warning) when refused.
+
+        ``torch.empty(pin_memory=True)`` would round the request up to a power of two (its caching host
+        allocator does; 26 GiB becomes 32 GiB) and keep it cached after use; registering an ordinary
+        allocation pins exactly the bytes the plan needs and is undone with ``unpin``.
+        """
+        nbytes = buffer.numel() * buffer.element_size()
+        # 0 = cudaHostRegisterDefault; torch's own pinned-memory helper (torch.cuda._pin_memory_utils) makes the
+        # same call through the same binding.
+        status = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), nbytes, 0))
+        if status != 0:
+            warn(f"memopt: page-locking the {nbytes} byte host arena for swapped activations failed (cudaError "
+                 f"{status}); its copies run synchronously. Lower MemoptConfig(host_budget=...) or raise the "
+                 "locked-memory limit (ulimit -l)")
+            return False
+        return True
+
+    def unpin(self, buffer_ptr: int) -> None:
+        torch.cuda.cudart().cudaHostUnregister(buffer_ptr)
+
+
 class HostStore:
     """Host buffers for one model's swapped activations.
 
     Args:
-        device (torch.device): the compute device the activations live on.
-        capacity_bytes (int): size of the host arena; a put that does not fit is refused (returns None)
-            and the caller keeps the tensor on the device, so a surprise never costs correctness.
+        device (torch.device): the compute device the activations live on; only tensors on it are swapped.
+        capacity_bytes (int): size of the host arena, allocated (and on CUDA page-locked) at exactly this size;
+            a put that does not fit is refused (returns None) and the caller keeps the tensor on the device,
+            so a surprise never costs correctness.
+        ops (CudaOps | None, default None): the stream, event and pinning calls; None uses CUDA's on a CUDA
+            device and copies synchronously elsewhere. Tests pass fakes to run the asynchronous path on CPU.
     """
 
-    def __init__(self, device: torch.device, capacity_bytes: int) -> None:
+    def __init__(self, device: torch.device, capacity_bytes: int, ops: CudaOps | None = None) -> None:
         from memopt.pools import Arena
 
         self.device = device
         self.cuda = device.type == "cuda"
-        self.arena = Arena(max(int(capacity_bytes), 1 << 16), device="cpu", pin_memory=self.cuda,
-                           hardened=True, canaries=False)
-        self.d2h_stream = torch.cuda.Stream(device) if self.cuda else None
-        self.h2d_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.ops = ops if ops is not None else (CudaOps(device) if self.cuda else None)
+        self.asynchronous = self.ops is not None
+        self.arena = Arena(max(int(capacity_bytes), 1 << 16), device="cpu", hardened=True, canaries=False)
+        self.pinned = False
+        self._unpin = None
+        if self.asynchronous:
+            buffer = self.arena.buffer
+            self.pinned = bool(self.ops.pin(buffer))
+            if self.pinned:
+                # As torch's own helper does: unpin when the memory goes, if close() did not already.
+                self._unpin = weakref.finalize(buffer.untyped_storage(), self.ops.unpin, buffer.data_ptr())
+                self._unpin.atexit = False
+        self.d2h_stream = self.ops.stream() if self.asynchronous else None
+        self.h2d_stream = self.ops.stream() if self.asynchronous else None
+        # Host blocks of dead entries whose copies may still run: (block, events), freed by ``reclaim``.
+        self._pending: collections.deque = collections.deque()
         self.put_bytes = 0
         self.fetched_bytes = 0
         self.refused_bytes = 0
+        self.off_device_bytes = 0
 
     def put(self, tensor: torch.Tensor) -> HostEntry | None:
-        """Copy a contiguous tensor to host memory; None when the arena is full."""
+        """Copy a contiguous tensor to host memory; None when it is not on the store's device (flash
+        attention saves its RNG seed and offset as CPU scalars: ``record_stream`` refuses them, and they take
+        no device memory) or the arena is full."""
         from memopt.errors import ArenaExhausted
 
         nbytes = tensor.numel() * tensor.element_size()
+        if tensor.device != self.device:
+            self.off_device_bytes += nbytes
+            return None
+        if self._pending:
+            self.reclaim()
         try:
             block = self.arena.alloc(max(nbytes, 1), alignment=64)
         except ArenaExhausted:
@@ -62,63 +146,93 @@ class HostStore:
             return None
         host = self.arena.tensor(block, tensor.dtype, tuple(tensor.shape))
         entry = HostEntry(self, host, block, tensor.dtype, tuple(tensor.shape), tensor.device)
-        if self.cuda:
-            self.d2h_stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.d2h_stream):
+        if self.asynchronous:
+            ops = self.ops
+            self.d2h_stream.wait_stream(ops.current_stream())
+            with ops.use(self.d2h_stream):
                 host.copy_(tensor, non_blocking=True)
-                entry.d2h_event = torch.cuda.Event()
+                entry.d2h_event = ops.event()
                 entry.d2h_event.record(self.d2h_stream)
             # The device memory must not be reused by the caching allocator before the copy reads it.
-            tensor.record_stream(self.d2h_stream)
+            ops.record_stream(tensor, self.d2h_stream)
         else:
             host.copy_(tensor)
         self.put_bytes += nbytes
         return entry
 
     def prefetch(self, entry: HostEntry) -> None:
-        """Start copying an entry back to the device (on the H2D stream on CUDA; at once on CPU)."""
-        if entry.device_copy is not None:
+        """Start copying an entry back to the device (on the H2D stream on CUDA; at once on CPU). A no-op
+        when the copy was started or the entry fetched already."""
+        if entry.device_copy is not None or entry.fetched or entry.host is None:
             return
         self.fetched_bytes += entry.host.numel() * entry.host.element_size()
-        if not self.cuda:
+        if not self.asynchronous:
             entry.device_copy = entry.host.clone()
             return
-        with torch.cuda.stream(self.h2d_stream):
+        ops = self.ops
+        with ops.use(self.h2d_stream):
             self.h2d_stream.wait_event(entry.d2h_event)
             entry.device_copy = torch.empty(entry.shape, dtype=entry.dtype, device=entry.device)
             entry.device_copy.copy_(entry.host, non_blocking=True)
-            entry.h2d_event = torch.cuda.Event()
+            entry.h2d_event = ops.event()
             entry.h2d_event.record(self.h2d_stream)
 
     def fetch(self, entry: HostEntry) -> torch.Tensor:
-        """The entry's data on the device, ready on the current stream."""
-        if not self.cuda:
-            self.prefetch(entry)
-            out, entry.device_copy = entry.device_copy, None
-            return out
+        """The entry's data on the device, ready on the current stream (the stream waits; the CPU does not)."""
         self.prefetch(entry)
-        current = torch.cuda.current_stream(entry.device)
-        current.wait_event(entry.h2d_event)
         out, entry.device_copy = entry.device_copy, None
-        out.record_stream(current)
+        entry.fetched = True
+        if self.asynchronous:
+            current = self.ops.current_stream()
+            current.wait_event(entry.h2d_event)
+            self.ops.record_stream(out, current)
         return out
 
     def _release(self, entry: HostEntry) -> None:
-        if entry.block is None:
+        """An entry died (autograd freed it): its host block is free once its copies are done. Never waits:
+        a block whose copies may still run is left to ``reclaim``."""
+        block = entry.block
+        if block is None:
             return
-        # A copy may still be reading or writing the host block; wait before it can be reused.
-        for event in (entry.d2h_event, entry.h2d_event):
-            if event is not None:
-                event.synchronize()
-        block, entry.block, entry.host = entry.block, None, None
+        entry.block = entry.host = None
+        events = [event for event in (entry.d2h_event, entry.h2d_event) if event is not None]
+        if all(event.query() for event in events):
+            self._free(block)
+        else:
+            self._pending.append((block, events))
+
+    def reclaim(self) -> int:
+        """Free the host blocks of dead entries whose copies are done (asks each event, never waits); returns
+        how many are still pending."""
+        for _ in range(len(self._pending)):
+            try:
+                block, events = self._pending.popleft()
+            except IndexError:  # another thread took the last one
+                break
+            if all(event.query() for event in events):
+                self._free(block)
+            else:
+                self._pending.append((block, events))
+        return len(self._pending)
+
+    def _free(self, block) -> None:
         if not self.arena.closed:  # closed by handle.remove() while autograd still held the entry
             self.arena.free(block)
 
     def stats(self) -> dict:
         stats = self.arena.stats()
         return {"host_peak_bytes": stats.peak_bytes, "host_live_bytes": stats.allocated_bytes,
-                "swapped_bytes_total": self.put_bytes, "fetched_bytes_total": self.fetched_bytes,
-                "refused_bytes": self.refused_bytes, "host_pinned": bool(self.cuda)}
+                "host_capacity_bytes": stats.capacity_bytes, "swapped_bytes_total": self.put_bytes,
+                "fetched_bytes_total": self.fetched_bytes, "refused_bytes": self.refused_bytes,
+                "off_device_bytes": self.off_device_bytes, "host_pending_blocks": len(self._pending),
+                "host_pinned": self.pinned}
 
     def close(self) -> None:
+        """Release the arena. On CUDA the copy streams are drained first, so unpinning the host memory never
+        races a copy (a call from ``handle.remove()``, outside any hook: waiting is allowed here)."""
+        if self.asynchronous and self._unpin is not None and self._unpin.alive:
+            self.d2h_stream.synchronize()
+            self.h2d_stream.synchronize()
+            self._unpin()
+        self._pending.clear()
         self.arena.close()

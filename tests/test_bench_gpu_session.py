@@ -1,0 +1,86 @@
+"""bench/gpu_session.py end to end with ``--tiny`` (a tiny model on CPU, the CUDA tests skipped), and the parts
+of bench/train_gpu.py a GPU run depends on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import gpu_session  # noqa: E402
+import train_gpu  # noqa: E402
+
+
+def test_gpu_session_tiny_runs_end_to_end_and_fills_its_folder(tmp_path):
+    out = tmp_path / "session"
+    env = {**os.environ, "OUT": str(out)}  # the folder the GPU machine hands back
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_session.py"), "--tiny", "--budget-s", "240"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    names = [phase["name"] for phase in summary["phases"]]
+    assert names == ["pytest_cuda", "pytest_cuda_pools", "train_gpu"]
+    assert all(phase["rc"] == 0 for phase in summary["phases"])
+    tests = summary["phases"][0]
+    assert tests["tests"] > 0 and tests["failures"] == tests["errors"] == 0
+    if not torch.cuda.is_available():
+        assert tests["skipped"] == tests["tests"]
+    rows = json.loads((out / "bench" / "train_gpu.json").read_text())
+    assert [row["method"] for row in rows] == ["none", "hf-ckpt", "memopt-match", "memopt-50"]
+    assert all("error" not in row and row["step_s"] > 0 for row in rows), rows
+    assert (out / "bench" / "trace_memopt-match.json.gz").stat().st_size > 0
+    assert (out / "bench" / "plan_memopt-match.json").exists() and (out / "bench" / "train_gpu.csv").exists()
+    assert json.loads((out / "env.json").read_text())["torch"] == torch.__version__
+    log = (out / "session.log").read_text()
+    assert "train_gpu: exit 0" in log and "gpu_session" in result.stdout
+
+
+def test_gpu_session_refuses_to_measure_without_a_gpu(tmp_path, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("there is a GPU here")
+    assert gpu_session.main(["--out", str(tmp_path)]) == 2
+    assert json.loads((tmp_path / "summary.json").read_text())["error"] == "no CUDA device"
+
+
+def test_junit_counts_reads_failures_and_properties(tmp_path):
+    xml = tmp_path / "r.xml"
+    xml.write_text("""<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">
+      <testcase classname="t" name="a"><properties><property name="linear_exact" value="False"/></properties></testcase>
+      <testcase classname="t" name="b"><failure message="x"/></testcase>
+      <testcase classname="t" name="c"><skipped/></testcase></testsuite></testsuites>""")
+    counts = gpu_session.junit_counts(xml)
+    assert (counts["tests"], counts["failures"], counts["skipped"]) == (3, 1, 1)
+    assert counts["failed"] == ["t::b"] and counts["properties"] == {"a:linear_exact": "False"}
+
+
+def test_cuda_test_files_are_found():
+    files = gpu_session.cuda_test_files()
+    assert "tests/test_runtime_cuda.py" in files and "tests/test_profiler_cuda.py" in files
+
+
+def test_train_gpu_names_what_is_missing(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    assert any("transformers" in line for line in train_gpu.check_prerequisites())
+    assert train_gpu.main(["--tiny"]) == 2
+    assert "pip install 'transformers" in capsys.readouterr().err
+
+
+def test_train_gpu_resets_peaks_after_profiling(monkeypatch):
+    """memopt's peak figures start after its profiling step, not before it."""
+    calls: list[str] = []
+    monkeypatch.setattr(train_gpu.memopt, "optimize", lambda *a, **k: calls.append("optimize") or "handle")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: calls.append("synchronize"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a, **k: calls.append("reset peaks"))
+    assert train_gpu.optimize_then_reset_peaks(None, {}, 0.5, torch.device("cuda")) == "handle"
+    assert calls == ["optimize", "synchronize", "reset peaks"]
+    calls.clear()
+    train_gpu.optimize_then_reset_peaks(None, {}, 0.5, torch.device("cpu"))
+    assert calls == ["optimize"]
