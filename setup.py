@@ -11,8 +11,14 @@ import sys
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
+try:
+    from setuptools.errors import CompileError, LinkError
+except ImportError:  # setuptools < 59
+    from distutils.errors import CompileError, LinkError
+
 CSRC = os.path.join("memopt", "csrc")
-SOURCES = [os.path.join(CSRC, name) for name in ("core.c", "arena.c", "api.c", "cuda.c")]
+SOURCES = [os.path.join(CSRC, name) for name in ("core.c", "arena.c", "api.c", "map.c", "device.c", "device_api.c", "replay.c",
+                                               "cuda.c")]
 
 
 class BuildSharedLibrary(build_ext):
@@ -26,6 +32,17 @@ class BuildSharedLibrary(build_ext):
     def get_export_symbols(self, ext):
         # build_ext would add PyInit__moalloc, which a ctypes library does not have.
         return ext.export_symbols or []
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except (CompileError, LinkError) as exc:
+            # A toolchain without link-time optimisation (no lto-wrapper or plugin): the same library, less inlined.
+            print(f"memopt: building with -flto failed ({exc}); building without it", file=sys.stderr)
+            ext.extra_compile_args = [a for a in ext.extra_compile_args if a != "-flto"]
+            ext.extra_link_args = [a for a in ext.extra_link_args if a != "-flto"]
+            self.force = True  # objects compiled for LTO would not link without it
+            super().build_extension(ext)
 
 
 setup(

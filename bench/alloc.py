@@ -52,7 +52,11 @@ GROUPS = (("glibc",), ("memopt",), ("memopt-hardened",), ("memopt-host", "memopt
 # Poison passes over every freed and every reused block: on traces of large blocks a replay takes minutes
 # (0.5 ms an operation on synthetic-large), so it is measured on the small-object trace only.
 POISON_TRACES = ("synthetic-small",)
+# Device pools (what a CUDA arena runs on), interleaved in one process, on traces with step marks: the heap
+# alone, replaying the first step's layout, and both with stream-ordered frees whose markers lag behind.
+DEVICE_GROUP = ("memopt-device", "memopt-replay", "memopt-device-lag", "memopt-replay-lag")
 RECORD = struct.Struct("<IIQ")
+STEP = 2  # a record kind: a training step begins here
 
 
 # -- traces --------------------------------------------------------------------------------------
@@ -79,10 +83,55 @@ def synthetic_trace(ops: int, live_target: int, log2_min: float, log2_max: float
     return trace
 
 
-def recorded_trace(hidden: int, layers: int, seq: int, steps: int, min_ops: int) -> list[tuple]:
-    """CPU allocations of ``steps`` training steps of a tiny Llama, repeated up to ``min_ops``."""
+def record_steps(step_fn, steps: int) -> list[tuple]:
+    """CPU allocations of ``steps`` calls of ``step_fn`` (after one unrecorded warm-up call, so optimizer state
+    exists), recorded with torch's profiler: ``(id, kind, nbytes)`` records, kind 0 an allocation, 1 a free,
+    ``STEP`` a step beginning; frees of memory allocated before the recording are left out, and the trace
+    ends with everything freed. Ids are reused once freed."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    step_fn()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in range(steps):
+            with record_function("memopt::step"):
+                step_fn()
+    events = []
+
+    def walk(nodes):
+        for node in nodes:
+            if node.tag == torch._C._profiler._EventType.Allocation:
+                events.append((node.start_time_ns, 1, node.extra_fields.ptr, node.extra_fields.alloc_size))
+            elif node.name == "memopt::step":
+                events.append((node.start_time_ns, 0, 0, 0))  # sorts before an allocation at the same time
+            walk(node.children)
+
+    walk(prof.profiler.kineto_results.experimental_event_tree())
+    events.sort()
+    by_ptr: dict[int, int] = {}
+    free_ids: list[int] = []
+    next_id = 0
+    out = []
+    for _, is_alloc_event, ptr, nbytes in events:
+        if not is_alloc_event:
+            out.append((0, STEP, 0))
+        elif nbytes > 0:
+            ident = free_ids.pop() if free_ids else next_id
+            next_id += ident == next_id
+            by_ptr[ptr] = ident
+            out.append((ident, 0, nbytes))
+        elif ptr in by_ptr:  # frees of memory allocated before recording are not part of the trace
+            ident = by_ptr.pop(ptr)
+            out.append((ident, 1, 0))
+            free_ids.append(ident)
+    out.extend((ident, 1, 0) for ident in by_ptr.values())
+    return out
+
+
+def recorded_trace(hidden: int, layers: int, seq: int, steps: int, min_ops: int) -> list[tuple]:
+    """CPU allocations of ``steps`` training steps of a tiny Llama (forward, backward, AdamW step), with
+    their step boundaries, repeated up to ``min_ops``."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -97,48 +146,27 @@ def recorded_trace(hidden: int, layers: int, seq: int, steps: int, min_ops: int)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()  # optimizer state exists from here on: the recorded steps are steady-state ones
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        for _ in range(steps):
-            step()
-    events = []
-
-    def walk(nodes):
-        for node in nodes:
-            if node.tag == torch._C._profiler._EventType.Allocation:
-                events.append((node.start_time_ns, node.extra_fields.ptr, node.extra_fields.alloc_size))
-            walk(node.children)
-
-    walk(prof.profiler.kineto_results.experimental_event_tree())
-    events.sort()
-    by_ptr: dict[int, int] = {}
-    free_ids: list[int] = []
-    next_id = 0
-    one = []
-    for _, ptr, nbytes in events:
-        if nbytes > 0:
-            ident = free_ids.pop() if free_ids else next_id
-            next_id += ident == next_id
-            by_ptr[ptr] = ident
-            one.append((ident, 0, nbytes))
-        elif ptr in by_ptr:  # frees of memory allocated before recording are not part of the trace
-            ident = by_ptr.pop(ptr)
-            one.append((ident, 1, 0))
-            free_ids.append(ident)
-    one.extend((ident, 1, 0) for ident in by_ptr.values())
+    one = record_steps(step, steps)
     return one * max(1, math.ceil(min_ops / len(one)))
 
 
-def peak_live_bytes(trace: list[tuple]) -> int:
+def peak_live_bytes(trace: list[tuple], from_step: int = 0) -> int:
+    """Most requested bytes live at once; with ``from_step``, from that step mark on (the first mark is 1)."""
     sizes: dict[int, int] = {}
-    live = peak = 0
+    live = peak = marks = 0
     for ident, is_free, nbytes in trace:
+        if is_free == STEP:
+            marks += 1
+            if marks == from_step:
+                peak = live
+            continue
         if is_free:
             live -= sizes.pop(ident)
         else:
             sizes[ident] = nbytes
             live += nbytes
-            peak = max(peak, live)
+            if marks >= from_step:
+                peak = max(peak, live)
     return peak
 
 
@@ -192,6 +220,8 @@ def replay_python(trace: list[tuple], capacity_bytes: int) -> tuple[float, int]:
     offsets: dict[int, tuple[int, int]] = {}
     t0 = time.perf_counter()
     for ident, is_free, nbytes in trace:
+        if is_free == STEP:
+            continue
         if is_free:
             pool.free(*offsets.pop(ident))
         else:
@@ -215,13 +245,66 @@ def build_driver(workdir: Path) -> Path:
     return exe
 
 
-def run_driver(exe: Path, trace_file: Path, modes: tuple[str, ...], repeats: int, capacity_bytes: int) -> list[dict]:
+def run_driver(exe: Path, trace_file: Path, modes: tuple[str, ...], repeats: int, capacity_bytes: int,
+               plan_file: Path | None = None) -> list[dict]:
     """One driver process replaying the trace with each of ``modes`` in turn; one result a mode."""
     from memopt.pools import library_path
 
-    out = subprocess.run([str(exe), str(library_path()), str(trace_file), ",".join(modes), str(repeats),
-                          str(capacity_bytes)], capture_output=True, text=True, check=True)
+    argv = [str(exe), str(library_path()), str(trace_file), ",".join(modes), str(repeats), str(capacity_bytes)]
+    out = subprocess.run(argv + ([str(plan_file)] if plan_file else []), capture_output=True, text=True, check=True)
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+def steps_of(trace: list[tuple]) -> list[list[tuple]]:
+    """The trace cut at its step marks (records before the first mark, if any, form a step of their own)."""
+    steps: list[list[tuple]] = [[]]
+    for record in trace:
+        if record[1] == STEP:
+            steps.append([])
+        else:
+            steps[-1].append(record)
+    return [s for s in steps if s]
+
+
+def plan_first_step(trace: list[tuple], capacity_bytes: int, quarantine: int = 16):
+    """Record the trace's first step in a device pool, as a CUDA arena would, and lay it out for replay.
+
+    Returns:
+        tuple[ReplayPlan | None, float]: the plan (None when the step frees nothing) and the seconds taken to
+        lay it out.
+    """
+    from memopt.pools._device import DevicePool
+    from memopt.pools._replay import plan_replay
+
+    pool = DevicePool.virtual(capacity_bytes // 512 * 512, quarantine=quarantine)
+    addresses: dict[int, int] = {}
+    marks = 0
+    recorded = None
+    for ident, kind, nbytes in trace:
+        if kind == STEP:
+            marks += 1
+            if marks == 1:
+                pool.record_begin()
+            elif marks == 2:
+                recorded = pool.record_end()
+                break
+        elif kind:
+            pool.free(addresses.pop(ident))
+        else:
+            addresses[ident] = pool.alloc(nbytes)
+    if recorded is None:
+        raise ValueError("the trace has fewer than two step marks; record at least two steps")
+    t0 = time.perf_counter()
+    plan = plan_replay(recorded, 512)
+    return plan, time.perf_counter() - t0
+
+
+def write_plan(plan, path: Path) -> None:
+    """The driver's PLAN file (see alloc_driver.c)."""
+    from memopt.pools._lib import UNPLANNED
+
+    rows = [struct.pack("<QQ", n, UNPLANNED if o is None else o) for n, o in zip(plan.nbytes, plan.offsets)]
+    path.write_bytes(struct.pack("<QQ", len(rows), plan.region_bytes) + b"".join(rows))
 
 
 def main() -> None:
@@ -229,6 +312,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed replays per allocator (best is kept)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all allocators")
     parser.add_argument("--quick", action="store_true", help="shorter traces (a smoke run)")
+    parser.add_argument("--traces", default="", help="comma-separated trace names (default: all)")
     args = parser.parse_args()
     scale = 10 if args.quick else 1
     traces = {
@@ -237,6 +321,11 @@ def main() -> None:
         "llama-h64-step": lambda: recorded_trace(64, 2, 128, steps=2, min_ops=200_000 // scale),
         "llama-h256-step": lambda: recorded_trace(256, 4, 512, steps=2, min_ops=200_000 // scale),
     }
+    if args.traces:
+        unknown = set(args.traces.split(",")) - set(traces)
+        if unknown:
+            raise SystemExit(f"unknown traces {sorted(unknown)}; choose from {sorted(traces)}")
+        traces = {k: v for k, v in traces.items() if k in args.traces.split(",")}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -246,21 +335,36 @@ def main() -> None:
             trace_file = workdir / f"{name}.bin"
             trace_file.write_bytes(b"".join(RECORD.pack(*r) for r in trace))
             live = peak_live_bytes(trace)
+            steady_live = peak_live_bytes(trace, from_step=2)
             capacity = 4 * live + max(r[2] for r in trace) + (16 << 20)
+            groups, plan_file, plan = GROUPS, None, None
+            if any(r[1] == STEP for r in trace):  # recorded steps: replay the first one's layout
+                plan, plan_s = plan_first_step(trace, capacity)
+                if plan is not None:
+                    plan_file = workdir / f"{name}.plan"
+                    write_plan(plan, plan_file)
+                    groups = GROUPS + (DEVICE_GROUP,)
+                    print(json.dumps({"trace": name, "plan_method": plan.method, "plan_s": round(plan_s, 3),
+                                      "positions": len(plan.nbytes), "planned": plan.planned,
+                                      "region_bytes": plan.region_bytes, "lower_bound_bytes": plan.lower_bound_bytes}))
             # Rounds interleave the allocators, so that a slow spell of a shared machine hits them all;
             # each keeps its best round.
             results: dict[str, dict] = {}
             nozero_ns: dict[str, float] = {}  # a host mode -> memopt-host-nozero's ns in the same process
+            device_ns: dict[str, float] = {}  # a device mode -> memopt-device's ns in the same process
             for _ in range(args.rounds):
-                for group in GROUPS:
+                for group in groups:
+                    plan_arg = plan_file if group is DEVICE_GROUP else None
                     if name not in POISON_TRACES:
                         group = tuple(m for m in group if m != "memopt-host-poison")
-                    by_mode = {r["mode"]: r for r in run_driver(exe, trace_file, group, args.repeats, capacity)}
+                    by_mode = {r["mode"]: r for r in run_driver(exe, trace_file, group, args.repeats, capacity, plan_arg)}
                     for mode, r in by_mode.items():
                         if mode not in results or r["ns_per_op"] < results[mode]["ns_per_op"]:
                             results[mode] = r
                             if "memopt-host-nozero" in by_mode:
                                 nozero_ns[mode] = by_mode["memopt-host-nozero"]["ns_per_op"]
+                            if "memopt-device" in by_mode:
+                                device_ns[mode] = by_mode["memopt-device"]["ns_per_op"]
             py_ns, py_reserved = replay_python(trace, capacity)
             results["python-best-fit"] = {"ns_per_op": py_ns, "peak_reserved_bytes": py_reserved,
                                           "peak_metadata_bytes": None, "peak_span_bytes": None}
@@ -269,14 +373,22 @@ def main() -> None:
                 glibc_ns = results["glibc+threads" if allocator.endswith("+threads") else "glibc"]["ns_per_op"]
                 # glibc keeps its headers inside the blocks: there is no out-of-band figure to give.
                 metadata = None if allocator.startswith("glibc") else r["peak_metadata_bytes"]
+                steady = steady_live if r.get("steady_live_bytes") else None
+                after = r.get("allocs_after_first_step")
+                replays = allocator.startswith("memopt-replay")
                 rows.append({
-                    "trace": name, "allocator": allocator, "ops": len(trace), "peak_live_bytes": live,
+                    "trace": name, "allocator": allocator, "ops": sum(rec[1] != STEP for rec in trace),
+                    "peak_live_bytes": live,
                     "ns_per_op": round(r["ns_per_op"], 2),
                     "speed_vs_glibc": round(glibc_ns / r["ns_per_op"], 3),
                     "ns_vs_host_nozero": round(r["ns_per_op"] / nozero_ns[allocator], 3) if allocator in nozero_ns else "",
                     "reserved_over_live": round(r["peak_reserved_bytes"] / live, 3),
                     "metadata_pct": "" if metadata is None else round(100 * metadata / live, 3),
                     "metadata_pct_of_spans": "" if metadata is None else round(100 * metadata / r["peak_span_bytes"], 3),
+                    "ns_vs_device": round(r["ns_per_op"] / device_ns[allocator], 3) if allocator in device_ns else "",
+                    "steady_reserved_over_live": round(r["steady_reserved_bytes"] / steady, 3) if steady else "",
+                    "planned_pct": round(100 * r["planned_allocs"] / after, 2) if replays and after else "",
+                    "fallback_allocs": r["fallback_allocs"] if replays else "",
                 })
                 print(json.dumps(rows[-1]))
     write_rows("alloc", rows)

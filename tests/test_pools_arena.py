@@ -442,6 +442,40 @@ def test_compile_fallback(tmp_path):
     assert lib.mo_abi_version() == _lib.ABI_VERSION
 
 
+def _no_lto_compiler(tmp_path, real: str) -> str:
+    """A compiler whose link-time optimisation is broken, as on toolchains without an lto-wrapper."""
+    wrapper = tmp_path / "cc-no-lto"
+    wrapper.write_text(f"""#!/bin/sh
+for a in "$@"; do [ "$a" = -flto ] && {{ echo "could not run lto-wrapper" >&2; exit 1; }}; done
+exec {real} "$@"
+""")
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def test_compile_without_lto_when_the_toolchain_has_none(tmp_path, monkeypatch):
+    real = shutil.which(os.environ.get("CC", "cc"))
+    if real is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("CC", _no_lto_compiler(tmp_path, real))
+    target = tmp_path / "lib" / "_moalloc.so"
+    _lib._compile(target)
+    assert ctypes.CDLL(str(target)).mo_abi_version() == _lib.ABI_VERSION
+
+
+def test_setup_builds_without_lto_when_the_toolchain_has_none(tmp_path):
+    real = shutil.which(os.environ.get("CC", "cc"))
+    if real is None:
+        pytest.skip("no C compiler")
+    env = {**os.environ, "CC": _no_lto_compiler(tmp_path, real), "LDSHARED": f"{_no_lto_compiler(tmp_path, real)} -shared"}
+    build = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
+                            "--build-temp", str(tmp_path / "tmp")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-2000:]
+    assert "building without it" in build.stderr
+    built = next((tmp_path / "lib" / "memopt").glob("_moalloc.*"))
+    assert ctypes.CDLL(str(built)).mo_abi_version() == _lib.ABI_VERSION
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_pinned_and_device_arenas():

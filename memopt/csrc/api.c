@@ -146,6 +146,17 @@ MO_API int mo_arena_destroy(uint64_t handle) {
     return MO_OK;
 }
 
+mo_arena *mo_api_detach(uint64_t handle) {
+    mo_arena *a;
+    int locked;
+    mo_slot *s = acquire(handle, &a, &locked);
+    if (!s) return NULL;
+    s->arena = NULL;
+    if (++s->generation == 0) s->generation = 1;
+    release(s, locked);
+    return a;
+}
+
 MO_API int mo_alloc(uint64_t handle, uint64_t nbytes, uint64_t alignment, uint64_t *offset_out, uint64_t *span_out,
                     uint64_t *serial_out, uint64_t *check_out) {
     mo_arena *a;

@@ -349,6 +349,23 @@ static inline __attribute__((always_inline)) void commit_used(mo_arena *a, uint3
     *serial = n->serial;
 }
 
+/* Cut a used block of span bytes for nbytes at the first multiple of align in free node idx (poisoned memory
+ * verified first); nothing changes unless MO_OK. */
+static inline int place(mo_arena *a, uint32_t idx, uint64_t nbytes, uint64_t span, uint64_t align, uint64_t *offset,
+                        uint64_t *span_out, uint64_t *serial) {
+    uint64_t start = mo_round_up(a->nodes[idx].offset, align);
+    if (poison_on(a)) {
+        int rc = verify_poison(a, start, span);
+        if (rc != MO_OK) return rc;
+    }
+    int rc = mo_core_reserve(a, 2);
+    if (rc != MO_OK) return rc;
+    mo_core_carve(a, idx, start, span);
+    mo_core_hash_insert(a, idx);
+    commit_used(a, idx, nbytes, offset, span_out, serial);
+    return MO_OK;
+}
+
 /* One attempt without releasing anything (the caller tried the slot cache): a free slot of one of the
  * class's slabs, else a new slab, else a block of its own. MO_E_EXHAUSTED (with no message) when nothing fits; nothing changes unless MO_OK. */
 static int try_alloc(mo_arena *a, uint64_t nbytes, uint64_t span, uint64_t align, int eligible, uint64_t *offset,
@@ -378,17 +395,7 @@ static int try_alloc(mo_arena *a, uint64_t nbytes, uint64_t span, uint64_t align
     }
     uint32_t idx = find_free(a, span, align);
     if (idx == MO_NIL) return MO_E_EXHAUSTED;
-    uint64_t start = mo_round_up(a->nodes[idx].offset, align);
-    if (poison_on(a)) {
-        int rc = verify_poison(a, start, span);
-        if (rc != MO_OK) return rc;
-    }
-    int rc = mo_core_reserve(a, 2);
-    if (rc != MO_OK) return rc;
-    mo_core_carve(a, idx, start, span);
-    mo_core_hash_insert(a, idx);
-    commit_used(a, idx, nbytes, offset, span_out, serial);
-    return MO_OK;
+    return place(a, idx, nbytes, span, align, offset, span_out, serial);
 }
 
 static inline __attribute__((always_inline)) int alloc_block(mo_arena *a, uint64_t nbytes, uint64_t alignment,
@@ -447,6 +454,44 @@ int mo_arena_alloc(mo_arena *a, uint64_t nbytes, uint64_t alignment, uint64_t *o
     return MO_OK;
 }
 
+/* The lowest free block that holds span bytes at align, or MO_NIL. */
+static uint32_t find_lowest(const mo_arena *a, uint64_t span, uint64_t align) {
+    for (uint32_t i = a->phys_head; i != MO_NIL; i = a->nodes[i].next_phys) {
+        const mo_node *n = &a->nodes[i];
+        if (n->state == MO_STATE_FREE && mo_round_up(n->offset, align) + span <= n->offset + n->size) return i;
+    }
+    return MO_NIL;
+}
+
+/* As mo_arena_alloc, at the lowest address that fits once the held-back blocks are released (they would
+ * only push it up): a device pool's planned region, placed once, low, so that the part of the region in use
+ * stays short. Never a slab slot; O(blocks). */
+int mo_arena_alloc_lowest(mo_arena *a, uint64_t nbytes, uint64_t alignment, uint64_t *offset, uint64_t *span_out,
+                          uint64_t *serial) {
+    if (nbytes == 0 || alignment == 0 || (alignment & (alignment - 1)))
+        return mo_fail(MO_E_INVALID_ARG, "size %llu at alignment %llu: ask for at least 1 byte at a power of two",
+                       (ull)nbytes, (ull)alignment);
+    uint64_t align = alignment < MO_GRANULE_BYTES ? MO_GRANULE_BYTES : alignment;
+    if (align > a->align_cap) align = a->align_cap;
+    uint64_t span = mo_round_up(nbytes + (canaries_on(a) ? MO_CANARY_MIN_BYTES : 0), MO_GRANULE_BYTES);
+    if (span > a->capacity)
+        return mo_fail(MO_E_EXHAUSTED, "request of %llu bytes exceeds the capacity of %llu bytes", (ull)nbytes, (ull)a->capacity);
+    if (a->q_count && fits_after_flush(a, span, align, 0)) flush_held(a);
+    uint32_t idx = find_lowest(a, span, align);
+    if (idx == MO_NIL)
+        return mo_fail(MO_E_EXHAUSTED, "no free run of %llu bytes at alignment %llu (free %llu of %llu bytes)", (ull)nbytes,
+                       (ull)alignment, (ull)(a->capacity - a->st.allocated_bytes - a->st.quarantined_bytes), (ull)a->capacity);
+    return place(a, idx, nbytes, span, align, offset, span_out, serial);
+}
+
+/* End of the highest block that is not free (live, held back or a slab): the part of the region in use. */
+uint64_t mo_arena_extent(const mo_arena *a) {
+    uint64_t end = 0;
+    for (uint32_t i = a->phys_head; i != MO_NIL; i = a->nodes[i].next_phys)
+        if (a->nodes[i].state != MO_STATE_FREE) end = a->nodes[i].offset + a->nodes[i].size;
+    return end;
+}
+
 /* -- free ------------------------------------------------------------------------------------------- */
 
 /* Put a just-freed block (node index or slot reference) in quarantine, evicting the oldest entry. */
@@ -474,8 +519,9 @@ static inline int slot_at(const mo_slab *s, uint64_t offset) {
  * the core that is used or held back (*node), or a slab slot in any state (*si, *k); 0 when neither. */
 static int locate_by_offset(const mo_arena *a, uint64_t offset, uint32_t *node, uint32_t *si, int *k) {
     uint32_t idx = mo_core_hash_find(a, offset);
-    /* Not a block's start: it may be a slot inside a slab, which starts at a multiple of its size. */
-    for (uint64_t bytes = MO_SLAB_MIN_BYTES; idx == MO_NIL && bytes <= MO_SLAB_MAX_BYTES; bytes <<= 1) {
+    /* Not a block's start: it may be a slot inside a slab, which starts at a multiple of its size. Largest
+     * first: every span from 256 bytes up (all of a device pool's, at 512-byte alignment) has 16 KiB slabs. */
+    for (uint64_t bytes = MO_SLAB_MAX_BYTES; idx == MO_NIL && bytes >= MO_SLAB_MIN_BYTES; bytes >>= 1) {
         uint64_t candidate = offset & ~(bytes - 1);
         if (candidate == offset) continue;
         uint32_t i = mo_core_hash_find(a, candidate);

@@ -41,7 +41,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a signature or mo_stats_t changes; the Python loader refuses a mismatch. */
-#define MO_ABI_VERSION 4u
+#define MO_ABI_VERSION 5u
 
 /* Offsets and block spans are multiples of this many bytes. */
 #define MO_GRANULE_BYTES 16u
@@ -134,14 +134,128 @@ MO_API int mo_check(uint64_t handle);
 MO_API int mo_stats(uint64_t handle, mo_stats_t *out);
 
 /*
+ * Device pools: an arena that hands out addresses (base + offset) to a caller that runs work on streams
+ * (torch on a GPU), with three things a plain arena lacks:
+ *   - stream-ordered frees: a block freed on a stream stays out of use until a marker recorded on that
+ *     stream (and on every other stream mo_dev_record_stream named) says the work queued before the free
+ *     is done; an allocation on the freeing stream itself may take it back at once (same size), since
+ *     its own work runs after;
+ *   - record and replay (MEMO): the allocations of one step are recorded, laid out offline (Python,
+ *     planners/layout.py), and the following steps' allocations are served at the planned offsets of
+ *     one region, falling back to the heap (and counting it) when the sequence departs from the plan;
+ *   - when the region is full: waits for pending frees, then memory from outside the region (ops).
+ * Markers, waits and outside memory come from the caller's ops, so the same code runs on host memory
+ * with fake markers (the tests) and on a GPU with CUDA events (cuda.c). Without ops, frees are immediate.
+ */
+typedef struct mo_dev_ops {
+    void *ctx;
+    /* A marker recorded on stream after the work queued on it so far; 0 when none could be recorded. */
+    uint64_t (*record)(void *ctx, uint64_t stream);
+    /* 1 when the marker's work is done, 0 while it is pending, negative on an error (taken as done). */
+    int (*query)(void *ctx, uint64_t marker);
+    /* Block until the marker's work is done; 0 on success. */
+    int (*wait)(void *ctx, uint64_t marker);
+    void (*release)(void *ctx, uint64_t marker);
+    /* Optional (NULL): memory outside the region once it is full and no pending free makes room; 0 when
+     * there is none. Freed through overflow_free once the streams that used it are done. */
+    uint64_t (*overflow_alloc)(void *ctx, uint64_t nbytes);
+    void (*overflow_free)(void *ctx, uint64_t address);
+} mo_dev_ops;
+
+/* The planned-offset value of an allocation the plan leaves to the heap (it outlives the recorded step). */
+#define MO_UNPLANNED UINT64_MAX
+/* Streams a block may name through mo_dev_record_stream besides the one it is freed on. */
+#define MO_DEV_MAX_USES 4u
+
+typedef struct mo_dev_stats {
+    uint64_t capacity_bytes;       /* bytes of the region */
+    uint64_t live_bytes;           /* bytes of the live allocations (heap, plan and overflow), each rounded up
+                                    * to the alignment, as torch counts its allocated bytes */
+    uint64_t peak_live_bytes;      /* highest live_bytes since creation or mo_dev_reset_peaks */
+    uint64_t live_blocks;
+    uint64_t reserved_bytes;       /* end of the highest region byte in use (live, pending, held back or
+                                    * planned) plus the overflow bytes live: what the region must hold */
+    uint64_t peak_reserved_bytes;  /* highest reserved_bytes since creation or mo_dev_reset_peaks */
+    uint64_t pending_bytes;        /* heap and overflow bytes freed but waiting for their streams' work */
+    uint64_t pending_blocks;
+    uint64_t peak_pending_bytes;
+    uint64_t deferred_frees;       /* frees that had to wait for a stream */
+    uint64_t stream_reuses;        /* allocations given a block freed on their own stream while it waited */
+    uint64_t markers_recorded;
+    uint64_t marker_waits;         /* times an allocation blocked on a marker to find room */
+    uint64_t marker_errors;        /* markers whose query or wait failed (taken as done) */
+    uint64_t sync_frees;           /* frees done by waiting at once (no host memory to defer them) */
+    uint64_t overflow_allocs;      /* allocations served outside the region */
+    uint64_t overflow_bytes;       /* bytes live outside the region now */
+    uint64_t failed_allocs;
+    uint64_t plan_bytes;           /* bytes of the planned region; 0 without a plan */
+    uint64_t plan_positions;       /* allocations in the plan (planned and unplanned) */
+    uint64_t replay_steps;         /* steps begun with a plan armed */
+    uint64_t planned_allocs;       /* allocations served at their planned offset */
+    uint64_t fallback_allocs;      /* allocations of a replayed step served by the heap: another size than
+                                    * the plan's next ones, past the plan's end, or their range still in use */
+    uint64_t unplanned_allocs;     /* allocations the plan leaves to the heap */
+    uint64_t stream_conflicts;     /* fallbacks because the planned range waited for another stream's work */
+    uint64_t recorded_allocs;      /* allocations in the last recorded step */
+    uint64_t recording;            /* 1 while a step is being recorded */
+} mo_dev_stats_t;
+
+MO_API size_t mo_dev_stats_size(void);
+/* A device pool over [base_address, base_address + capacity_bytes). base is the host address of the memory
+ * when the arena may write it (flags as for mo_arena_create), else NULL. alignment (a power of two, at least
+ * 16) applies to every block; ops (may be NULL) is copied. */
+MO_API int mo_dev_create(uint64_t capacity_bytes, uint64_t base_address, void *base, uint64_t alignment,
+                         uint32_t quarantine_blocks, uint32_t flags, uint64_t seed, const mo_dev_ops *ops,
+                         uint64_t *handle_out);
+/* Fails while allocations are live; waits for the pending frees. */
+MO_API int mo_dev_destroy(uint64_t handle);
+MO_API int mo_dev_alloc(uint64_t handle, uint64_t nbytes, uint64_t stream, uint64_t *address_out);
+MO_API int mo_dev_free(uint64_t handle, uint64_t address, uint64_t stream);
+/* The live block at address is used on stream too (torch's Tensor.record_stream): its free waits for it. */
+MO_API int mo_dev_record_stream(uint64_t handle, uint64_t address, uint64_t stream);
+/* Mark every pending free (a marker on each stream with open ones) and release those whose streams are
+ * done; with wait != 0, wait for all of them first. */
+MO_API int mo_dev_collect(uint64_t handle, int wait);
+MO_API int mo_dev_record_begin(uint64_t handle);
+/* Stops recording; *count_out: allocations recorded (the trace stays readable until the next begin). */
+MO_API int mo_dev_record_end(uint64_t handle, uint64_t *count_out);
+/* Copies the recorded trace: per allocation its bytes, and its lifetime [start, end) in events (one event
+ * per allocation or free of the step); end is MO_UNPLANNED for one still live when recording ended. */
+MO_API int mo_dev_trace(uint64_t handle, uint64_t count, uint64_t *nbytes, uint64_t *starts, uint64_t *ends);
+/* Arms replay: position i of every following step is served at offsets[i] of a region of region_bytes
+ * (carved from the heap at its lowest fitting address) when it asks for nbytes[i] bytes and the range is
+ * free; MO_UNPLANNED leaves a position to the heap. */
+MO_API int mo_dev_plan(uint64_t handle, uint64_t count, const uint64_t *nbytes, const uint64_t *offsets,
+                       uint64_t region_bytes);
+/* Disarms replay and gives the region back (fails while a planned block is live). */
+MO_API int mo_dev_unplan(uint64_t handle);
+/* A step begins: the next allocation is the plan's first. */
+MO_API int mo_dev_step(uint64_t handle);
+MO_API int mo_dev_check(uint64_t handle);
+MO_API int mo_dev_stats(uint64_t handle, mo_dev_stats_t *out);
+/* The heap arena's own counters (the planned region counts there as one live block). */
+MO_API int mo_dev_arena_stats(uint64_t handle, mo_stats_t *out);
+MO_API int mo_dev_reset_peaks(uint64_t handle);
+
+/*
  * CUDA backend for torch.cuda.memory.CUDAPluggableAllocator. libcuda is opened at run time, so this
  * library loads on machines without CUDA; mo_cuda_init then fails with MO_E_CUDA.
  */
 MO_API int mo_cuda_init(int device, uint64_t capacity_bytes, uint32_t quarantine_blocks, uint64_t seed,
                         uint64_t *handle_out, uint64_t *base_out);
 MO_API int mo_cuda_shutdown(int device);
+/* torch's malloc and free (the pluggable allocator's pair). A block freed on a stream is reused by another
+ * stream only once a CUDA event recorded on it is done. */
 MO_API void *mo_cuda_malloc(size_t nbytes, int device, void *stream);
 MO_API void mo_cuda_free(void *ptr, size_t nbytes, int device, void *stream);
+/* Tensor.record_stream for memory of this backend (torch's is a no-op under a pluggable allocator). */
+MO_API int mo_cuda_record_stream(void *ptr, int device, void *stream);
+/* process_wide != 0: every CUDA tensor comes from here (change_current_allocator), where torch cannot take
+ * a NULL: a full region overflows to cuMemAlloc, and when the driver refuses too the process aborts with a
+ * message. 0 (the default, inside a torch.cuda.MemPool): NULL, which torch turns into OutOfMemoryError. */
+MO_API int mo_cuda_set_process_wide(int device, int process_wide);
+/* The device pool behind a device's backend (for the mo_dev_* calls), or 0. */
+MO_API uint64_t mo_cuda_pool(int device);
 /* Frees torch asked for that the arena rejected (they cannot raise); the last one's message. */
 MO_API uint64_t mo_cuda_rejected_frees(int device, char *message, size_t message_bytes);
 

@@ -144,6 +144,8 @@ typedef struct mo_arena {
 } mo_arena;
 
 /* api.c */
+/* Take an arena out of the handle table (its handle stops working) and hand its core to the caller. */
+mo_arena *mo_api_detach(uint64_t handle);
 int mo_fail(int code, const char *fmt, ...)
 #if defined(__GNUC__)
     __attribute__((format(printf, 2, 3)))
@@ -177,6 +179,9 @@ typedef struct mo_handle {
 
 int mo_arena_alloc(mo_arena *a, uint64_t nbytes, uint64_t alignment, uint64_t *offset, uint64_t *span,
                    uint64_t *serial, uint64_t *check);
+int mo_arena_alloc_lowest(mo_arena *a, uint64_t nbytes, uint64_t alignment, uint64_t *offset, uint64_t *span,
+                          uint64_t *serial);
+uint64_t mo_arena_extent(const mo_arena *a);
 int mo_arena_free(mo_arena *a, mo_handle h);
 int mo_arena_query(const mo_arena *a, mo_handle h, uint64_t *nbytes, uint64_t *span);
 int mo_arena_check(const mo_arena *a);

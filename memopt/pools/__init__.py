@@ -8,7 +8,8 @@ After a free: a hardened host arena zeroes each freed block of at most 1 KiB, an
 a write into one while it is held back; larger freed blocks keep their contents, and reuse verifies
 nothing, unless ``poison=True``, which poisons all free memory and reports a write after free into
 any block when it is handed out again or checked. ``cuda_allocator`` puts the same core behind torch's
-pluggable CUDA allocator.
+pluggable CUDA allocator, with frees ordered by stream and the replay of a recorded step's layout
+(``memopt.pools.cuda``; its ``memory_stats`` and kin answer where torch's cannot).
 
 Example:
     >>> import torch
@@ -22,6 +23,7 @@ Example:
 from memopt.errors import AllocatorError, ArenaExhausted, CorruptionError, DoubleFree, InvalidFree
 
 from ._lib import InvalidRequest, library_path
+from ._device import DeviceStats
 from .arena import Arena, ArenaConfig, ArenaStats, Block
 from .cuda import CudaArenaAllocator, cuda_allocator
 
@@ -34,6 +36,7 @@ __all__ = sorted([
     "Block",
     "CorruptionError",
     "CudaArenaAllocator",
+    "DeviceStats",
     "DoubleFree",
     "InvalidFree",
     "InvalidRequest",

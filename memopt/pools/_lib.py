@@ -20,17 +20,19 @@ from pathlib import Path
 
 from memopt.errors import AllocatorError, ArenaExhausted, CorruptionError, DoubleFree, InvalidFree
 
-__all__ = ["ABI_VERSION", "GRANULE_BYTES", "InvalidRequest", "MoStats", "error_for", "library", "library_path"]
+__all__ = ["ABI_VERSION", "GRANULE_BYTES", "UNPLANNED", "InvalidRequest", "MoDevOps", "MoDevStats", "MoStats", "error_for",
+           "library", "library_path"]
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 GRANULE_BYTES = 16
 OK, E_INVALID_ARG, E_EXHAUSTED, E_DOUBLE_FREE, E_INVALID_FREE, E_CORRUPTION, E_BAD_HANDLE, E_NOMEM, E_CUDA = range(9)
 F_CANARIES, F_POISON, F_ZERO_SMALL = 1, 2, 4
 SMALL_MAX_SPAN_BYTES = 1024
+UNPLANNED = 2**64 - 1  # MO_UNPLANNED: a plan position left to the heap
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
 _CSRC = _PACKAGE_DIR / "csrc"
-_SOURCES = ("core.c", "arena.c", "api.c", "cuda.c")
+_SOURCES = ("core.c", "arena.c", "api.c", "map.c", "device.c", "device_api.c", "replay.c", "cuda.c")
 _SUFFIX = ".dylib" if sys.platform == "darwin" else ".so"
 
 
@@ -47,6 +49,31 @@ class MoStats(ctypes.Structure):
         "live_blocks", "free_blocks", "quarantined_blocks", "alloc_count", "free_count", "quarantine_flushes",
         "cached_bytes", "cached_blocks",
     )]
+
+
+class MoDevStats(ctypes.Structure):
+    """Mirror of ``mo_dev_stats_t`` in moalloc.h (same order)."""
+
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "capacity_bytes", "live_bytes", "peak_live_bytes", "live_blocks", "reserved_bytes", "peak_reserved_bytes",
+        "pending_bytes", "pending_blocks", "peak_pending_bytes", "deferred_frees", "stream_reuses", "markers_recorded",
+        "marker_waits", "marker_errors", "sync_frees", "overflow_allocs", "overflow_bytes", "failed_allocs",
+        "plan_bytes", "plan_positions", "replay_steps", "planned_allocs", "fallback_allocs", "unplanned_allocs",
+        "stream_conflicts", "recorded_allocs", "recording",
+    )]
+
+
+RECORD_FN = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64)
+QUERY_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64)
+RELEASE_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64)
+OVERFLOW_ALLOC_FN = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64)
+
+
+class MoDevOps(ctypes.Structure):
+    """Mirror of ``mo_dev_ops`` in moalloc.h: markers (events) and optional memory outside the region."""
+
+    _fields_ = [("ctx", ctypes.c_void_p), ("record", RECORD_FN), ("query", QUERY_FN), ("wait", QUERY_FN),
+                ("release", RELEASE_FN), ("overflow_alloc", OVERFLOW_ALLOC_FN), ("overflow_free", RELEASE_FN)]
 
 
 _ERRORS: dict[int, type[AllocatorError]] = {
@@ -73,7 +100,7 @@ _path: Path | None = None
 
 def _sources_digest() -> str:
     digest = hashlib.sha256()
-    for name in (*_SOURCES, "moalloc.h", "moalloc_internal.h"):
+    for name in (*_SOURCES, "moalloc.h", "moalloc_internal.h", "device_internal.h"):
         digest.update((_CSRC / name).read_bytes())
     return digest.hexdigest()[:16]
 
@@ -95,7 +122,12 @@ def _compile(target: Path) -> None:
             argv.append("-ldl")
         result = subprocess.run(argv, capture_output=True, text=True)
         if result.returncode != 0:
-            raise ImportError(f"compiling memopt's allocator failed:\n{result.stderr.strip()}")
+            # A toolchain without link-time optimisation (no lto-wrapper or plugin): the same library, less inlined.
+            lto_error = result.stderr.strip()
+            result = subprocess.run([a for a in argv if a != "-flto"], capture_output=True, text=True)
+            if result.returncode != 0:
+                raise ImportError(f"compiling memopt's allocator failed:\n{result.stderr.strip()}\n"
+                                  f"(with -flto:\n{lto_error})")
         os.replace(out, target)  # atomic, so concurrent first uses never load a half-written file
 
 
@@ -105,9 +137,13 @@ def _cache_dir() -> Path:
 
 
 def _abi_of(path: Path) -> int | None:
+    """The library's ABI version; None when it does not load or lacks an entry point memopt declares (a build
+    from an older list of sources)."""
     try:
         lib = ctypes.CDLL(str(path))
     except OSError:
+        return None
+    if not all(hasattr(lib, name) for name in _signatures()):
         return None
     lib.mo_abi_version.restype = ctypes.c_uint32
     return int(lib.mo_abi_version())
@@ -127,9 +163,10 @@ def library_path() -> Path:
     return cached
 
 
-def _declare(lib: ctypes.CDLL) -> None:
+def _signatures() -> dict[str, tuple]:
     u64, u32, p64 = ctypes.c_uint64, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint64)
-    signatures = {
+    vp, i = ctypes.c_void_p, ctypes.c_int
+    return {
         "mo_abi_version": (u32, []),
         "mo_stats_size": (ctypes.c_size_t, []),
         "mo_last_error": (ctypes.c_char_p, []),
@@ -140,11 +177,36 @@ def _declare(lib: ctypes.CDLL) -> None:
         "mo_query": (ctypes.c_int, [u64, u64, u64, u64, u64, p64, p64]),
         "mo_check": (ctypes.c_int, [u64]),
         "mo_stats": (ctypes.c_int, [u64, ctypes.POINTER(MoStats)]),
-        "mo_cuda_init": (ctypes.c_int, [ctypes.c_int, u64, u32, u64, p64, p64]),
-        "mo_cuda_shutdown": (ctypes.c_int, [ctypes.c_int]),
-        "mo_cuda_rejected_frees": (u64, [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]),
+        "mo_dev_stats_size": (ctypes.c_size_t, []),
+        "mo_dev_create": (i, [u64, u64, vp, u64, u32, u32, u64, ctypes.POINTER(MoDevOps), p64]),
+        "mo_dev_destroy": (i, [u64]),
+        "mo_dev_alloc": (i, [u64, u64, u64, p64]),
+        "mo_dev_free": (i, [u64, u64, u64]),
+        "mo_dev_record_stream": (i, [u64, u64, u64]),
+        "mo_dev_collect": (i, [u64, i]),
+        "mo_dev_record_begin": (i, [u64]),
+        "mo_dev_record_end": (i, [u64, p64]),
+        "mo_dev_trace": (i, [u64, u64, p64, p64, p64]),
+        "mo_dev_plan": (i, [u64, u64, p64, p64, u64]),
+        "mo_dev_unplan": (i, [u64]),
+        "mo_dev_step": (i, [u64]),
+        "mo_dev_check": (i, [u64]),
+        "mo_dev_stats": (i, [u64, ctypes.POINTER(MoDevStats)]),
+        "mo_dev_arena_stats": (i, [u64, ctypes.POINTER(MoStats)]),
+        "mo_dev_reset_peaks": (i, [u64]),
+        "mo_cuda_init": (i, [i, u64, u32, u64, p64, p64]),
+        "mo_cuda_shutdown": (i, [i]),
+        "mo_cuda_set_process_wide": (i, [i, i]),
+        "mo_cuda_pool": (u64, [i]),
+        "mo_cuda_record_stream": (i, [vp, i, vp]),
+        "mo_cuda_malloc": (vp, [ctypes.c_size_t, i, vp]),
+        "mo_cuda_free": (None, [vp, ctypes.c_size_t, i, vp]),
+        "mo_cuda_rejected_frees": (u64, [i, ctypes.c_char_p, ctypes.c_size_t]),
     }
-    for name, (restype, argtypes) in signatures.items():
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    for name, (restype, argtypes) in _signatures().items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = restype, argtypes
 
@@ -160,8 +222,9 @@ def library() -> ctypes.CDLL:
             if lib.mo_abi_version() != ABI_VERSION:
                 raise ImportError(f"{path} has allocator ABI {lib.mo_abi_version()}, memopt needs {ABI_VERSION}; "
                                   "rebuild: pip install -e .")
-            if lib.mo_stats_size() != ctypes.sizeof(MoStats):
-                raise ImportError(f"{path} has a different mo_stats_t than memopt {ABI_VERSION=}; rebuild: pip install -e .")
+            if lib.mo_stats_size() != ctypes.sizeof(MoStats) or lib.mo_dev_stats_size() != ctypes.sizeof(MoDevStats):
+                raise ImportError(f"{path} has a different mo_stats_t or mo_dev_stats_t than memopt {ABI_VERSION=}; "
+                                  "rebuild: pip install -e .")
             _library, _path = lib, path
         return _library
 

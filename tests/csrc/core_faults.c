@@ -5,6 +5,12 @@
  *      mo_arena_check passes;
  *   2. corrupted bookkeeping (slab spare stack, quarantine ring head, slot cache, slot bits): each is
  *      reported by mo_arena_check.
+ *   3. the same for device pools (device.c, replay.c): host memory running out at every point of recording a
+ *      step, arming its plan, replaying it with stream-ordered frees and record_stream: an allocation fails
+ *      with MO_E_NOMEM and changes no counter, a free never fails (it waits for its stream instead), a lost
+ *      recording is reported at its end, and mo_dev_check passes after every call;
+ *   4. corrupted device-pool bookkeeping (pending counters, overlapping planned ranges, marker references):
+ *      each is reported by mo_dev_check.
  * Built with -Wl,--wrap=malloc,--wrap=calloc,--wrap=realloc (GNU ld) by tests/test_pools_core_faults.py;
  * prints one line per failure and exits non-zero if there was any.
  */
@@ -12,7 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "moalloc_internal.h"
+#include "device_internal.h"
 
 void *__real_malloc(size_t);
 void *__real_calloc(size_t, size_t);
@@ -129,9 +135,153 @@ static void corruption_is_reported(void) {
     mo_core_delete(a);
 }
 
+/* -- device pools ---------------------------------------------------------------------------------- */
+
+/* Markers of fake streams 1..3: stream << 32 | position; done once the test runs the stream past it. */
+static uint64_t fk_queued[4], fk_done[4];
+static uint64_t fk_record(void *ctx, uint64_t stream) {
+    (void)ctx;
+    return stream << 32 | ++fk_queued[stream];
+}
+static int fk_query(void *ctx, uint64_t m) {
+    (void)ctx;
+    return fk_done[m >> 32] >= (uint32_t)m;
+}
+static int fk_wait(void *ctx, uint64_t m) {
+    (void)ctx;
+    if (fk_done[m >> 32] < (uint32_t)m) fk_done[m >> 32] = (uint32_t)m;
+    return 0;
+}
+static void fk_release(void *ctx, uint64_t m) { (void)ctx, (void)m; }
+static const mo_dev_ops FAKE_OPS = {NULL, fk_record, fk_query, fk_wait, fk_release, NULL, NULL};
+
+#define DEV_OPS 48
+
+static int dev_checked(uint64_t h, long fail, const char *where) {
+    long saved = fail_at;
+    fail_at = -1; /* the check's own scratch memory is not what is under test */
+    int rc = mo_dev_check(h);
+    fail_at = saved;
+    EXPECT(rc == MO_OK, "fault %ld: check after %s: %s", fail, where, mo_last_error());
+    return rc == MO_OK;
+}
+
+/* One step: blocks of varied sizes on streams 1 and 2, each freed three allocations later, some used on
+ * stream 3 as well; streams run now and then. */
+static void dev_step(uint64_t h, long fail) {
+    uint64_t addr[DEV_OPS + 3] = {0};
+    for (int i = 0; i < DEV_OPS + 3; i++) {
+        if (i < DEV_OPS) {
+            uint64_t nbytes = 512u * (1u + (uint32_t)(i * 7) % 13u) - (uint32_t)i % 3u, stream = 1u + (uint32_t)i % 2u;
+            mo_dev_stats_t before, after;
+            mo_dev_stats(h, &before);
+            int rc = mo_dev_alloc(h, nbytes, stream, &addr[i]);
+            if (rc != MO_OK) {
+                mo_dev_stats(h, &after);
+                EXPECT(rc == MO_E_NOMEM, "fault %ld: alloc %d returned %d (%s)", fail, i, rc, mo_last_error());
+                EXPECT(after.live_bytes == before.live_bytes && after.live_blocks == before.live_blocks,
+                       "fault %ld: the failed alloc %d changed the live counters", fail, i);
+                dev_checked(h, fail, "a failed alloc");
+                rc = mo_dev_alloc(h, nbytes, stream, &addr[i]); /* the fault was one call: it works again */
+                EXPECT(rc == MO_OK, "fault %ld: no recovery: %s", fail, mo_last_error());
+            }
+            if (i % 5 == 0 && mo_dev_record_stream(h, addr[i], 3) != MO_OK)
+                EXPECT(0 == strncmp(mo_last_error(), "no host memory", 14) || strstr(mo_last_error(), "host memory"),
+                       "fault %ld: record_stream: %s", fail, mo_last_error());
+        }
+        if (i >= 3 && addr[i - 3]) {
+            int rc = mo_dev_free(h, addr[i - 3], 1u + (uint32_t)(i - 3) % 2u);
+            EXPECT(rc == MO_OK, "fault %ld: free %d failed: %s", fail, i - 3, mo_last_error());
+        }
+        if (i % 11 == 10) fk_done[1 + i % 3] = fk_queued[1 + i % 3];
+        if (!dev_checked(h, fail, "a step's call")) return;
+    }
+}
+
+static void device_out_of_host_memory(long fail) {
+    calls = 0;
+    fail_at = -1;
+    memset(fk_queued, 0, sizeof(fk_queued));
+    memset(fk_done, 0, sizeof(fk_done));
+    uint64_t h;
+    if (mo_dev_create(1u << 22, 1ull << 30, NULL, 512, 2, 0, 1, &FAKE_OPS, &h) != MO_OK) return;
+    fail_at = calls + fail;
+    int rc = mo_dev_record_begin(h);
+    EXPECT(rc == MO_OK, "fault %ld: record_begin: %s", fail, mo_last_error());
+    dev_step(h, fail);
+    uint64_t count = 0;
+    rc = mo_dev_record_end(h, &count);
+    EXPECT(rc == MO_OK || rc == MO_E_NOMEM, "fault %ld: record_end returned %d", fail, rc);
+    if (rc == MO_OK) {
+        uint64_t nbytes[DEV_OPS], starts[DEV_OPS], ends[DEV_OPS], offsets[DEV_OPS], region = 0;
+        EXPECT(count == DEV_OPS && mo_dev_trace(h, count, nbytes, starts, ends) == MO_OK, "fault %ld: trace", fail);
+        for (uint64_t i = 0; i < count && count == DEV_OPS; i++) { /* a plan without reuse: valid by construction */
+            offsets[i] = region;
+            region += (nbytes[i] + 511u) & ~511ull;
+        }
+        rc = mo_dev_plan(h, count, nbytes, offsets, region);
+        EXPECT(rc == MO_OK || rc == MO_E_NOMEM, "fault %ld: plan returned %d (%s)", fail, rc, mo_last_error());
+    }
+    dev_checked(h, fail, "arming");
+    for (int step = 0; step < 3; step++) {
+        mo_dev_step(h);
+        dev_step(h, fail);
+    }
+    fail_at = -1;
+    for (int s = 1; s < 4; s++) fk_done[s] = fk_queued[s];
+    EXPECT(mo_dev_collect(h, 1) == MO_OK && dev_checked(h, fail, "collect"), "fault %ld: collect", fail);
+    mo_dev_stats_t st;
+    mo_dev_stats(h, &st);
+    EXPECT(st.live_blocks == 0 && st.pending_blocks == 0, "fault %ld: %llu live, %llu pending at the end", fail,
+           (unsigned long long)st.live_blocks, (unsigned long long)st.pending_blocks);
+    if (st.plan_bytes) EXPECT(mo_dev_unplan(h) == MO_OK, "fault %ld: unplan: %s", fail, mo_last_error());
+    EXPECT(mo_dev_destroy(h) == MO_OK, "fault %ld: destroy: %s", fail, mo_last_error());
+}
+
+static void device_corruption_is_reported(void) {
+    uint64_t h, a, b, c;
+    memset(fk_queued, 0, sizeof(fk_queued));
+    memset(fk_done, 0, sizeof(fk_done));
+    mo_dev_create(1u << 20, 1ull << 30, NULL, 512, 0, 0, 1, &FAKE_OPS, &h);
+    mo_dev *d = mo_dev_unlocked(h);
+    uint64_t nbytes[2] = {4096, 4096}, offsets[2] = {0, 4096};
+    mo_dev_plan(h, 2, nbytes, offsets, 8192);
+    mo_dev_step(h);
+    mo_dev_alloc(h, 4096, 1, &a);
+    mo_dev_alloc(h, 4096, 1, &b);
+    mo_dev_alloc(h, 100000, 1, &c); /* past the plan: the heap */
+    mo_dev_free(h, c, 1);
+    mo_dev_collect(h, 0);
+    EXPECT(mo_dev_check(h) == MO_OK, "clean pool: %s", mo_last_error());
+    d->st.pending_bytes += 512;
+    EXPECT(mo_dev_check(h) == MO_E_CORRUPTION, "a pending counter off by 512 passed");
+    d->st.pending_bytes -= 512;
+    d->plan.ranges[1].offset -= 512;
+    EXPECT(mo_dev_check(h) == MO_E_CORRUPTION, "overlapping planned ranges passed");
+    d->plan.ranges[1].offset += 512;
+    uint32_t m = d->pend[d->streams[0].head].marker;
+    EXPECT(m != 0, "setup: the pending free has no marker");
+    if (m) {
+        d->markers[m].refs++;
+        EXPECT(mo_dev_check(h) == MO_E_CORRUPTION, "a marker reference too many passed");
+        d->markers[m].refs--;
+    }
+    d->heap_live_bytes += 512;
+    EXPECT(mo_dev_check(h) == MO_E_CORRUPTION, "live heap bytes off by 512 passed");
+    d->heap_live_bytes -= 512;
+    EXPECT(mo_dev_check(h) == MO_OK, "restored pool: %s", mo_last_error());
+    mo_dev_free(h, a, 1);
+    mo_dev_free(h, b, 1);
+    fk_done[1] = fk_queued[1];
+    mo_dev_collect(h, 1);
+    EXPECT(mo_dev_destroy(h) == MO_OK, "destroy: %s", mo_last_error());
+}
+
 int main(void) {
     for (long fail = 1; fail <= 300; fail++) out_of_host_memory(fail);
     corruption_is_reported();
+    for (long fail = 1; fail <= 300; fail++) device_out_of_host_memory(fail); /* about 240 host allocations in all */
+    device_corruption_is_reported();
     if (failures) printf("%d failure(s)\n", failures);
     else printf("ok\n");
     return failures != 0;
