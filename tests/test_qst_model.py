@@ -14,7 +14,7 @@ bnb = pytest.importorskip("bitsandbytes")
 
 from memopt.qst import QSTConfig, QSTModel, apply_qst  # noqa: E402
 from memopt.qst.backbone import ARCHITECTURES, quantize_nf4  # noqa: E402
-from memopt.qst.testing import FAMILIES, tiny_causal_lm  # noqa: E402
+from memopt.qst.testing import FAMILIES, tiny_causal_lm, wake_side  # noqa: E402
 
 
 def _batch(vocab_size: int = 128, seed: int = 0) -> dict:
@@ -43,14 +43,15 @@ def _saved_bytes(model: nn.Module, batch: dict) -> int:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_untrained_unquantized_qst_gives_the_backbones_logits(family):
-    model = tiny_causal_lm(family)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_untrained_unquantized_qst_gives_the_backbones_logits_bit_for_bit(family, dtype):
+    model = tiny_causal_lm(family).to(dtype)
     batch = _batch()
     with torch.no_grad():
         expected = model(**batch).logits
         qst = apply_qst(model, QSTConfig(r=4, quantize=None))
         got = qst(**batch).logits
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -76,14 +77,18 @@ def test_nf4_backbone_is_frozen_4bit_and_untrained_logits_match_it(family):
 
 def test_gradients_reach_only_the_side_network_and_the_backbone_keeps_nothing():
     qst = apply_qst(tiny_causal_lm("llama"), QSTConfig(r=4))
-    with torch.no_grad():
-        qst.side.alpha.fill_(0.5)  # past the first step, so every side parameter gets a gradient
     batch = _batch()
+    # Untrained, the upsample (zero) is the only side parameter with a gradient: like LoRA's B.
+    qst(**batch, labels=batch["input_ids"]).loss.backward()
+    first = {n for n, p in qst.side.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert first == {"upsample.weight"}
+    qst.side.zero_grad(set_to_none=True)
+    wake_side(qst, std=0.1)  # past the first step, so every side parameter gets a gradient
     qst(**batch, labels=batch["input_ids"]).loss.backward()
     assert all(p.grad is None for p in qst.backbone.parameters())
     side_grads = {n: p.grad for n, p in qst.side.named_parameters()}
-    assert all(g is not None and torch.isfinite(g).all() for g in side_grads.values())
-    assert side_grads["alpha"].abs() > 0 and side_grads["gate_logits"].abs().sum() > 0
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in side_grads.values())
+    assert side_grads["output_logits"].shape == (64,) and side_grads["ladder_logits"].shape == (2, 16)
 
 
 def test_trainable_parameters_under_one_percent_on_a_1b_llama_counted_on_meta():
@@ -97,7 +102,7 @@ def test_trainable_parameters_under_one_percent_on_a_1b_llama_counted_on_meta():
         model = AutoModelForCausalLM.from_config(config)
     qst = apply_qst(model, QSTConfig())
     trainable, total = qst.get_nb_trainable_parameters()
-    assert qst.side.alpha.device.type == "meta"
+    assert qst.side.device.type == "meta"
     assert 1.1e9 < total < 1.4e9
     assert 0 < trainable <= 0.01 * total
     assert isinstance(qst.backbone.model.layers[0].mlp.down_proj.weight, bnb.nn.Params4bit)
@@ -106,15 +111,25 @@ def test_trainable_parameters_under_one_percent_on_a_1b_llama_counted_on_meta():
 @pytest.mark.parametrize("downsample, params_per_downsample", [
     ("adapter", 64 * 16 + 16 * 16), ("linear", 64 * 16), ("maxpool", 0), ("avgpool", 0),
 ])
-def test_downsample_kinds(downsample, params_per_downsample):
-    qst = apply_qst(tiny_causal_lm("llama"), QSTConfig(r=4, downsample=downsample))
+@pytest.mark.parametrize("norm", [True, False])
+def test_downsample_kinds_end_in_a_float32_layernorm_by_default(downsample, params_per_downsample, norm):
+    qst = apply_qst(tiny_causal_lm("llama"), QSTConfig(r=4, downsample=downsample, downsample_norm=norm))
     assert len(qst.side.downsamples) == 3  # embeddings + 2 layers
-    assert sum(p.numel() for p in qst.side.downsamples[1].parameters()) == params_per_downsample
-    with torch.no_grad():
-        qst.side.alpha.fill_(0.5)
+    norm_params = 2 * 16 if norm else 0  # LayerNorm weight and bias at side width
+    assert sum(p.numel() for p in qst.side.downsamples[1].parameters()) == params_per_downsample + norm_params
+    wake_side(qst)
     batch = _batch()
-    logits = qst(**batch).logits
+    states = [torch.randn(2, 9, 64) * scale for scale in (0.3, 1.0, 1e3)]
+    with torch.no_grad():
+        logits = qst(**batch).logits
+        fed = [down(state) for down, state in zip(qst.side.downsamples, states)]
     assert logits.shape == (2, 9, 128) and torch.isfinite(logits).all()
+    if norm:
+        # Whatever the scale of a backbone state, the side network receives it normalised.
+        for out in fed:
+            torch.testing.assert_close(out.std(-1, correction=0), torch.ones(2, 9), atol=1e-2, rtol=0)
+    elif downsample.endswith("pool"):
+        assert fed[2].abs().mean() > 100 * fed[1].abs().mean()
 
 
 def test_pooled_downsample_keeps_no_backbone_width_tensors_for_backward():
@@ -141,9 +156,8 @@ def test_side_lora_trains_adapters_instead_of_side_linears():
     frozen = [n for n, p in qst.side.named_parameters() if not p.requires_grad]
     assert any("lora_A" in n for n in trainable) and any("lora_B" in n for n in trainable)
     assert all(n.startswith("blocks.") and "base_layer" in n for n in frozen) and frozen
-    assert "alpha" in trainable and "upsample.weight" in trainable
-    with torch.no_grad():
-        qst.side.alpha.fill_(0.5)
+    assert "output_logits" in trainable and "upsample.weight" in trainable
+    wake_side(qst)
     batch = _batch()
     qst(**batch, labels=batch["input_ids"]).loss.backward()
     assert qst.side.blocks[0].attn.q_proj.lora_A["default"].weight.grad is not None
@@ -155,11 +169,11 @@ def test_state_dict_holds_the_side_network_only():
     assert state and all(k.startswith("side.") for k in state)
     assert set(state) == {"side." + k for k in qst.side.state_dict()}
     with torch.no_grad():
-        qst.side.alpha.fill_(0.25)
+        qst.side.output_logits.fill_(0.25)
     fresh = apply_qst(tiny_causal_lm("llama"), QSTConfig(r=4))
     fresh.load_state_dict(qst.state_dict())
-    assert fresh.side.alpha.item() == 0.25
-    with pytest.raises(RuntimeError, match=r"unexpected keys \['backbone.x'\].*only the side network"):
+    assert torch.equal(fresh.side.output_logits, torch.full((64,), 0.25))
+    with pytest.raises(RuntimeError, match=r"unexpected keys \['backbone.x'\].*only \['side'\] \('side.\*'\)"):
         fresh.load_state_dict({**qst.state_dict(), "backbone.x": torch.zeros(1)})
 
 

@@ -4,6 +4,7 @@ freezing, and hooks that capture the hidden states the side network reads."""
 from __future__ import annotations
 
 import contextlib
+import enum
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -11,8 +12,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    "ARCHITECTURES", "Backbone", "HiddenCapture", "count_parameters", "describe", "non_activation_storages",
-    "quantize_nf4",
+    "ARCHITECTURES", "Backbone", "HeadKind", "HiddenCapture", "count_parameters", "describe",
+    "non_activation_storages", "quantize_nf4",
 ]
 
 # model_type -> path of the decoder layers' ModuleList. Only families whose forward is
@@ -29,6 +30,13 @@ ARCHITECTURES = {
 _HF_HINT = "pip install 'memopt[hf]'"
 
 
+class HeadKind(enum.Enum):
+    """What reads the backbone's last hidden state: a frozen LM head, or a new (trainable) classifier."""
+
+    LM = "lm"
+    CLASSIFIER = "classifier"
+
+
 @dataclass
 class Backbone:
     """Facts about a supported backbone.
@@ -37,9 +45,11 @@ class Backbone:
         model_type (str): the Hugging Face ``config.model_type``.
         layers (nn.ModuleList): its decoder layers, in order.
         hidden_size (int): width of the decoder layers' hidden states.
-        out_features (int): width of the LM head's input.
+        out_features (int): width of the head's input.
         heads (int): attention heads per layer.
         intermediate_size (int): MLP inner width.
+        head (nn.Module): the LM head (``lm_head``) or the classifier (``score``).
+        head_kind (HeadKind): which of the two ``head`` is.
     """
 
     model_type: str
@@ -48,13 +58,25 @@ class Backbone:
     out_features: int
     heads: int
     intermediate_size: int
+    head: nn.Module
+    head_kind: HeadKind
+
+
+def _head(model: nn.Module) -> tuple[nn.Module | None, HeadKind]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        return head, HeadKind.LM
+    score = getattr(model, "score", None)
+    if isinstance(score, nn.Linear) and type(model).__name__.endswith("ForSequenceClassification"):
+        return score, HeadKind.CLASSIFIER
+    return None, HeadKind.LM
 
 
 def describe(model: nn.Module) -> Backbone:
-    """Check that ``model`` is a supported causal LM and read off its shape.
+    """Check that ``model`` is a supported causal LM or sequence classifier and read off its shape.
 
     Raises:
-        ValueError: the model is not a Hugging Face causal LM of a supported family.
+        ValueError: the model is not a Hugging Face causal LM or sequence classifier of a supported family.
     """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -62,13 +84,15 @@ def describe(model: nn.Module) -> Backbone:
     if model_type not in ARCHITECTURES:
         raise ValueError(
             f"QST supports Hugging Face causal LMs of the families {supported}; got {type(model).__name__} "
-            f"(model_type={model_type!r}). Load one of these with AutoModelForCausalLM"
+            f"(model_type={model_type!r}). Load one of these with AutoModelForCausalLM (or "
+            "AutoModelForSequenceClassification)"
         )
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head, head_kind = _head(model)
     if head is None or not hasattr(model, "base_model"):
         raise ValueError(
             f"{type(model).__name__} has no LM head; QST needs the causal LM class, "
-            f"e.g. AutoModelForCausalLM.from_config(config), not the bare {model_type!r} model"
+            f"e.g. AutoModelForCausalLM.from_config(config), not the bare {model_type!r} model "
+            "(or AutoModelForSequenceClassification for a classifier)"
         )
     layers = model.get_submodule(ARCHITECTURES[model_type])
     hidden_size = int(config.hidden_size)
@@ -79,7 +103,9 @@ def describe(model: nn.Module) -> Backbone:
         or getattr(config, "n_inner", None)
         or 4 * hidden_size
     )
-    return Backbone(model_type, layers, hidden_size, int(head.weight.shape[-1]), heads, int(intermediate))
+    return Backbone(
+        model_type, layers, hidden_size, int(head.weight.shape[-1]), heads, int(intermediate), head, head_kind
+    )
 
 
 def _import_bnb():
@@ -93,8 +119,10 @@ def _import_bnb():
     return bnb
 
 
-def quantize_nf4(model: nn.Module, *, double_quant: bool, compute_dtype: torch.dtype) -> int:
-    """Replace every linear of ``model`` except its LM head with a bitsandbytes NF4 ``Linear4bit``, in place.
+def quantize_nf4(
+    model: nn.Module, *, double_quant: bool, compute_dtype: torch.dtype, keep: nn.Module | None = None
+) -> int:
+    """Replace every linear of ``model`` except its head with a bitsandbytes NF4 ``Linear4bit``, in place.
 
     GPT-2's ``Conv1D`` (a linear with a transposed weight) is converted too. Linears already 4-bit are
     left alone. On the meta device the weights stay unquantized ``Params4bit`` of the original shape
@@ -104,6 +132,8 @@ def quantize_nf4(model: nn.Module, *, double_quant: bool, compute_dtype: torch.d
         model (nn.Module): the causal LM.
         double_quant (bool): quantize the block scales too.
         compute_dtype (torch.dtype): dtype of the 4-bit matmuls.
+        keep (nn.Module | None, default None): the head to leave unquantized; None means the model's
+            output embeddings (its LM head).
 
     Returns:
         int: how many layers were replaced.
@@ -114,7 +144,7 @@ def quantize_nf4(model: nn.Module, *, double_quant: bool, compute_dtype: torch.d
     bnb = _import_bnb()
     from transformers.pytorch_utils import Conv1D
 
-    head = model.get_output_embeddings()
+    head = keep if keep is not None else model.get_output_embeddings()
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

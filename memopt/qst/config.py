@@ -10,7 +10,7 @@ __all__ = ["QSTConfig"]
 
 DOWNSAMPLES = ("adapter", "avgpool", "linear", "maxpool")
 QUANTIZATIONS = ("nf4", None)
-COMPUTE_DTYPES = ("bfloat16", "float16", "float32", None)
+DTYPES = ("bfloat16", "float16", "float32", None)
 
 
 def _positive_int(value: Any, name: str, hint: str) -> None:
@@ -30,6 +30,9 @@ class QSTConfig:
             d -> d/r linear. ``"maxpool"`` / ``"avgpool"``: parameter-free pooling over groups of ``r``
             channels; nothing of width d is kept for backward.
         adapter_rank (int, default 16): bottleneck width of the ``"adapter"`` downsample.
+        downsample_norm (bool, default True): end every downsample in a LayerNorm (computed in float32),
+            as the authors' adapter does. Backbone hidden states differ in scale from layer to layer and
+            carry outlier channels; without the norm a pooled downsample hands them on unscaled.
         quantize (str | None, default "nf4"): ``"nf4"`` replaces every backbone linear (the LM head
             excepted) with a bitsandbytes NF4 ``Linear4bit``; None leaves the backbone's weights as they
             are (useful for tests and for backbones already quantized at load time).
@@ -37,6 +40,11 @@ class QSTConfig:
             ``compress_statistics``), about 0.4 bits a parameter less.
         compute_dtype (str | None, default None): dtype the 4-bit matmuls run in (``"bfloat16"``,
             ``"float16"``, ``"float32"``); None uses the backbone's own floating dtype.
+        side_dtype (str | None, default None): dtype of the side network's weights and activations; None
+            takes the backbone's compute dtype (``compute_dtype``, else the backbone's floating dtype), so a
+            bfloat16 backbone gets a bfloat16 side network and no float32 copy of its hidden states. Norms
+            and mixing gates stay float32 whatever this is: their updates are finer than bfloat16
+            resolves. ``"float32"`` trains every other weight in float32 too (more memory, exact updates).
         layers (list[int] | None, default None): indices of the backbone's decoder layers whose outputs
             feed the side network, one side layer each; None feeds every layer.
         side_lora_rank (int | None, default None): when set, the side layers' linears are frozen after
@@ -58,6 +66,8 @@ class QSTConfig:
     quantize: str | None = "nf4"
     double_quant: bool = True
     compute_dtype: str | None = None
+    side_dtype: str | None = None
+    downsample_norm: bool = True
     layers: list[int] | None = None
     side_lora_rank: int | None = None
     side_lora_alpha: float = 16.0
@@ -73,7 +83,13 @@ class QSTConfig:
             )
         if not isinstance(self.double_quant, bool):
             raise ValueError(f"double_quant must be True or False, got {self.double_quant!r}")
-        self.compute_dtype = _dtype_name(self.compute_dtype)
+        self.compute_dtype = _dtype_name(self.compute_dtype, "compute_dtype")
+        self.side_dtype = _dtype_name(self.side_dtype, "side_dtype")
+        if not isinstance(self.downsample_norm, bool):
+            raise ValueError(
+                f"downsample_norm must be True or False, got {self.downsample_norm!r}; True (the default) ends "
+                "each downsample in a LayerNorm"
+            )
         if self.layers is not None:
             if isinstance(self.layers, (str, bytes)) or not hasattr(self.layers, "__iter__"):
                 raise ValueError(f"layers must be a list of layer indices, got {self.layers!r}; e.g. [0, 2, 4]")
@@ -121,13 +137,13 @@ class QSTConfig:
         return cls(**data)
 
 
-def _dtype_name(value: Any) -> str | None:
+def _dtype_name(value: Any, field: str) -> str | None:
     """Accept a ``torch.dtype`` or its name; store the name so the config stays JSON-ready."""
     if value is None:
         return None
     name = str(value).removeprefix("torch.")
-    if name not in COMPUTE_DTYPES:
+    if name not in DTYPES:
         raise ValueError(
-            f"compute_dtype must be one of {COMPUTE_DTYPES} or the matching torch.dtype, got {value!r}"
+            f"{field} must be one of {DTYPES} or the matching torch.dtype, got {value!r}; None follows the backbone"
         )
     return name

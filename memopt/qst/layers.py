@@ -1,4 +1,5 @@
-"""Building blocks of the side network: downsamples and the narrow transformer layer.
+"""Building blocks of the side network: downsamples, float32 norms, the narrow transformer layer and its
+key/value cache.
 
 Everything here is plain torch and architecture-independent: the side network only ever sees
 ``(batch, tokens, channels)`` hidden states, so one implementation serves every backbone family.
@@ -12,9 +13,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AdapterDownsample", "LinearDownsample", "PoolDownsample", "SideBlock", "make_downsample", "side_mask"]
+__all__ = [
+    "AdapterDownsample", "FP32LayerNorm", "FP32RMSNorm", "LinearDownsample", "PoolDownsample", "SideBlock",
+    "SideCache", "make_downsample", "side_mask",
+]
 
-_INIT_STD = 0.02
+
+class FP32RMSNorm(nn.RMSNorm):
+    """RMSNorm computed in float32 with a float32 weight; the result comes back in the input's dtype."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(hidden.float(), self.normalized_shape, self.weight, self.eps).to(hidden.dtype)
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 with float32 parameters; the result comes back in the input's dtype."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = F.layer_norm(hidden.float(), self.normalized_shape, self.weight, self.bias, self.eps)
+        return out.to(hidden.dtype)
 
 
 class AdapterDownsample(nn.Module):
@@ -68,28 +85,65 @@ class PoolDownsample(nn.Module):
         return f"factor={self.factor}, mode={self.mode!r}"
 
 
-def make_downsample(kind: str, in_features: int, out_features: int, rank: int) -> nn.Module:
-    """The downsample named by ``QSTConfig.downsample``."""
+def make_downsample(kind: str, in_features: int, out_features: int, rank: int, norm: bool) -> nn.Module:
+    """The downsample named by ``QSTConfig.downsample``, followed by a float32 LayerNorm when ``norm``."""
     if kind == "adapter":
-        return AdapterDownsample(in_features, out_features, rank)
-    if kind == "linear":
-        return LinearDownsample(in_features, out_features)
-    if kind in ("maxpool", "avgpool"):
-        return PoolDownsample(in_features // out_features, kind[:3])
-    raise ValueError(f"unknown downsample {kind!r}; use 'adapter', 'linear', 'maxpool' or 'avgpool'")
+        down: nn.Module = AdapterDownsample(in_features, out_features, rank)
+    elif kind == "linear":
+        down = LinearDownsample(in_features, out_features)
+    elif kind in ("maxpool", "avgpool"):
+        down = PoolDownsample(in_features // out_features, kind[:3])
+    else:
+        raise ValueError(f"unknown downsample {kind!r}; use 'adapter', 'linear', 'maxpool' or 'avgpool'")
+    return nn.Sequential(down, FP32LayerNorm(out_features)) if norm else down
 
 
-def side_mask(attention_mask: torch.Tensor | None, tokens: int) -> torch.Tensor | None:
-    """Boolean (batch, 1, tokens, tokens) mask: causal and blind to padded keys; None when causal alone.
+class SideCache:
+    """Keys and values of every side layer for the tokens seen so far: the side network's KV cache.
+
+    One lives for one ``generate`` call. Each side layer appends its new keys and values in
+    ``update``; ``length`` is how many tokens are cached.
+    """
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    @property
+    def length(self) -> int:
+        """Tokens cached so far (0 before the first forward)."""
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``keys`` / ``values`` (batch, heads, tokens, head_dim) of ``layer``; return all of them."""
+        if layer == len(self.keys):
+            self.keys.append(keys)
+            self.values.append(values)
+        else:
+            self.keys[layer] = torch.cat([self.keys[layer], keys], dim=2)
+            self.values[layer] = torch.cat([self.values[layer], values], dim=2)
+        return self.keys[layer], self.values[layer]
+
+
+def side_mask(attention_mask: torch.Tensor | None, tokens: int, past: int = 0) -> torch.Tensor | None:
+    """Boolean (batch or 1, 1, tokens, past + tokens) mask for ``tokens`` new queries after ``past`` cached
+    keys: causal and blind to padded keys. None when plain causal attention (or, for one new token,
+    attention to everything) is exact.
 
     A query may always see itself, so a padded query row is never fully masked (which would give NaN).
     """
-    if attention_mask is None or bool(attention_mask.all()):
+    total = past + tokens
+    padded = attention_mask is not None and not bool(attention_mask[:, -total:].all())
+    if not padded and (past == 0 or tokens == 1):
         return None
-    device = attention_mask.device
-    causal = torch.ones(tokens, tokens, dtype=torch.bool, device=device).tril()
-    keys = attention_mask[:, None, None, -tokens:].bool()
-    return (causal & keys) | torch.eye(tokens, dtype=torch.bool, device=device)
+    device = attention_mask.device if attention_mask is not None else None
+    query = torch.arange(past, total, device=device)[:, None]
+    key = torch.arange(total, device=device)[None, :]
+    causal = key <= query
+    if not padded:
+        return causal[None, None]
+    keys = attention_mask[:, None, None, -total:].bool()
+    return (causal & keys) | (key == query)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -122,13 +176,16 @@ class SideAttention(nn.Module):
         rotary = self.inv_freq.numel() * 2
         if rotary == 0:
             return x
-        angles = positions[:, None, :, None].to(torch.float32) * self.inv_freq
+        angles = positions[:, None, :, None].to(torch.float32) * self.inv_freq.float()
         angles = torch.cat((angles, angles), dim=-1)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         rotated = x[..., :rotary] * cos + _rotate_half(x[..., :rotary]) * sin
         return torch.cat((rotated, x[..., rotary:]), dim=-1) if rotary < x.shape[-1] else rotated
 
-    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+        cache: SideCache | None = None, layer: int = 0,
+    ) -> torch.Tensor:
         batch, tokens, _ = hidden.shape
 
         def split(t: torch.Tensor) -> torch.Tensor:
@@ -137,10 +194,10 @@ class SideAttention(nn.Module):
         q = self._rope(split(self.q_proj(hidden)), positions)
         k = self._rope(split(self.k_proj(hidden)), positions)
         v = split(self.v_proj(hidden))
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        # Without a mask, more than one query means no cache before them (side_mask): plain causal.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and tokens > 1)
         return self.o_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
 
 
@@ -168,22 +225,33 @@ class SideBlock(nn.Module):
 
     def __init__(self, width: int, heads: int, intermediate: int):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(width, eps=1e-6)
+        self.attn_norm = FP32RMSNorm(width, eps=1e-6)
         self.attn = SideAttention(width, heads)
-        self.mlp_norm = nn.RMSNorm(width, eps=1e-6)
+        self.mlp_norm = FP32RMSNorm(width, eps=1e-6)
         self.mlp = SideMLP(width, intermediate)
 
-    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        hidden = hidden + self.attn(self.attn_norm(hidden), positions, mask)
+    def forward(
+        self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+        cache: SideCache | None = None, layer: int = 0,
+    ) -> torch.Tensor:
+        hidden = hidden + self.attn(self.attn_norm(hidden), positions, mask, cache, layer)
         return hidden + self.mlp(self.mlp_norm(hidden))
 
 
 def init_side_weights(module: nn.Module, num_blocks: int) -> None:
-    """GPT-2 style init: N(0, 0.02), residual output projections scaled down by sqrt(2 x layers)."""
-    residual_std = _INIT_STD / math.sqrt(2 * max(num_blocks, 1))
+    """Width-aware init: N(0, 1/fan_in) for every linear, residual output projections scaled down by
+    sqrt(2 x layers), as GPT-2 does.
+
+    A fixed std of 0.02 (what the backbone's own config prescribes) suits a 1024-wide layer; at the side
+    width of 32-256 it leaves every projection several times too small, and at the paper's learning
+    rates (1e-4) Adam needs thousands of steps to grow them.
+    """
+    residual = 1.0 / math.sqrt(2 * max(num_blocks, 1))
     for name, sub in module.named_modules():
         if isinstance(sub, nn.Linear):
-            std = residual_std if name.endswith(("o_proj", "down_proj")) else _INIT_STD
+            std = 1.0 / math.sqrt(sub.in_features)
+            if name.endswith(("o_proj", "down_proj")):
+                std *= residual
             nn.init.normal_(sub.weight, std=std)
             if sub.bias is not None:
                 nn.init.zeros_(sub.bias)

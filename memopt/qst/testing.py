@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["FAMILIES", "tiny_causal_lm", "tiny_config"]
+__all__ = ["FAMILIES", "tiny_causal_lm", "tiny_classifier", "tiny_config", "wake_side"]
 
 FAMILIES = ("gpt2", "llama", "mistral", "opt", "qwen2")
 
@@ -79,3 +79,41 @@ def tiny_causal_lm(family: str = "llama", *, seed: int = 0, **shape: Any) -> nn.
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
     return model.eval()
+
+
+def tiny_classifier(family: str = "llama", *, num_labels: int = 2, seed: int = 0, **shape: Any) -> nn.Module:
+    """A randomly initialised ``*ForSequenceClassification`` from ``tiny_config(family, **shape)``.
+
+    Its backbone weights equal ``tiny_causal_lm``'s for the same seed and shape; padding is token 1.
+
+    Args:
+        family (str, default "llama"): one of ``FAMILIES``.
+        num_labels (int, default 2): classes of the new head.
+        seed (int, default 0): torch seed for the weights; the global RNG state is left as it was.
+        **shape: forwarded to ``tiny_config``.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    config = tiny_config(family, **shape)
+    config.num_labels = num_labels
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_config(config)
+    return model.eval()
+
+
+def wake_side(qst: nn.Module, *, seed: int = 0, std: float = 1.0) -> None:
+    """Give ``qst.side``'s zero-started upsample random weights, in place, as training would.
+
+    An untrained side network adds exactly nothing to the backbone; tests that must see whether the
+    side network is used (generation, devices, gradients) wake it first.
+
+    Args:
+        qst (nn.Module): a ``QSTModel``.
+        seed (int, default 0): seed of the weights; the global RNG state is left as it was.
+        std (float, default 1.0): their standard deviation.
+    """
+    weight = qst.side.upsample.weight
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        weight.copy_(torch.randn(weight.shape, generator=generator) * std)
