@@ -12,19 +12,23 @@ Phases, each printed with the time spent so far, each bounded by what is left of
    (``CUBLAS_WORKSPACE_CONFIG=:4096:8``, which makes the bitwise tests run under strict
    ``torch.use_deterministic_algorithms``; they pick math or flash attention themselves). The process-wide
    allocator tests (test_pools_cuda.py) run in their own process. JUnit XML and the log go to the folder.
-3. the benchmark: bench/train_gpu.py at seq 16384 (the reference run of DESIGN section 11: a 953M Llama,
-   bf16, AdamW, batch 1) over none, hf-ckpt, memopt-match and memopt-50, with a ``torch.profiler`` trace of
-   one memopt step; ``--tiny`` runs its 2-layer model at seq 256 on whatever device there is.
+3. the benchmark: bench/train_gpu.py at seq 16384, then 32768 (``--seq``; the reference run of DESIGN
+   section 11: a 953M Llama, bf16, AdamW, batch 1) over none, hf-ckpt, memopt-match and memopt-50, with a
+   ``torch.profiler`` trace of one memopt step at the first length; between them, in a process of its own,
+   hf-ckpt and memopt-match with memopt's CUDA arena installed and each step's planned layout replayed
+   (``--replay``). ``--tiny`` runs the 2-layer model at seq 256 on whatever device there is.
 
-Output folder: ``env.json``, ``nvidia-smi.txt``, ``pytest_cuda*.xml`` and ``.log``, ``bench/`` (train_gpu's
-rows, plans, graphs and trace), ``summary.json`` (each phase's exit status, seconds and counts) and
-``session.log`` (everything printed). Exit status 0 when every phase passed.
+Output folder: ``env.json``, ``nvidia-smi.txt``, ``pytest_cuda*.xml`` and ``.log``, one folder per benchmark
+run (``train_gpu_<seq>/``, ``train_gpu_replay_<seq>/``: rows, plans, graphs and the trace), ``summary.json``
+(each phase's exit status, seconds and counts, the tests' recorded properties) and ``session.log``
+(everything printed). Exit status 0 when every phase passed.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib.util
 import json
 import os
 import platform
@@ -142,10 +146,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny model on whatever device (CI checks the script)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default $OUT, else bench/results/...)")
-    parser.add_argument("--seq", type=int, default=16384, help="benchmark sequence length (not with --tiny)")
+    parser.add_argument("--seq", default="16384,32768",
+                        help="benchmark sequence lengths, comma-separated, in order (not with --tiny)")
+    parser.add_argument("--replay", default="120GiB", metavar="BYTES",
+                        help="CUDA arena for the replay phase (hf-ckpt and memopt-match at the first seq with the "
+                             "planned layout replayed); 0 skips it")
     parser.add_argument("--budget-s", type=float, default=540.0, help="seconds for the whole session")
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument("--runs", default="main,replay,memory",
+                        help="benchmark runs, comma-separated: main (every --seq), replay, memory (bench/"
+                             "cuda_memory_trace.py: a swapped step's memory unit by unit, with a snapshot)")
     args = parser.parse_args(argv)
     out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else
                        ROOT / "bench" / "results" / f"gpu_session-{_dt.datetime.now():%Y%m%d-%H%M%S}")
@@ -169,24 +180,43 @@ def main(argv: list[str] | None = None) -> int:
             files = cuda_test_files()
             alone = [f for f in files if f.endswith("test_pools_cuda.py")]
             rest = [f for f in files if f not in alone]
-            for name, group, share in (("pytest_cuda", rest, 0.35), ("pytest_cuda_pools", alone, 0.1)):
+            for name, group, share in (("pytest_cuda", rest, 0.2), ("pytest_cuda_pools", alone, 0.25)):
                 if not group:
                     continue
                 xml = out / f"{name}.xml"
-                phase = run_phase(name, [python, "-m", "pytest", "-m", "cuda", "-q", "-rfEs", "-p", "no:cacheprovider",
-                                         f"--junitxml={xml}", *group], out, share * args.budget_s, deterministic)
+                # -v: each test's result is in the log as it ends, even when the phase runs out of time
+                timeout = ["--timeout=120"] if importlib.util.find_spec("pytest_timeout") else []
+                phase = run_phase(name, [python, "-m", "pytest", "-m", "cuda", "-v", "-rfEs", "-p", "no:cacheprovider",
+                                         *timeout, f"--junitxml={xml}", *group], out, share * args.budget_s,
+                                  deterministic)
                 phase.update(junit_counts(xml))
                 phases.append(phase)
                 say(f"{name}: {phase.get('tests', 0)} tests, {phase.get('failures', 0)} failed, "
                     f"{phase.get('errors', 0)} errors, {phase.get('skipped', 0)} skipped")
         if not args.skip_bench:
-            bench = out / "bench"
-            size = ["--tiny", "--steps", "2"] if args.tiny else ["--seq", str(args.seq)]
-            phase = run_phase("train_gpu", [python, str(ROOT / "bench" / "train_gpu.py"), *size, "--out", str(bench),
-                                            "--trace"], out, left() - 5)
-            rows = bench / "train_gpu.json"
-            phase["rows"] = json.loads(rows.read_text()) if rows.exists() else []
-            phases.append(phase)
+            seqs = [None] if args.tiny else [int(s) for s in str(args.seq).split(",") if s.strip()]
+            wanted = {r.strip() for r in args.runs.split(",")}
+            runs = [(f"train_gpu_{seq or 'tiny'}", seq, [], index == 0) for index, seq in enumerate(seqs)
+                    if "main" in wanted]
+            if "replay" in wanted and args.replay not in ("0", "") and env["cuda_available"]:
+                # Its own process: the arena must be installed before anything initialises CUDA.
+                runs.insert(min(1, len(runs)), (f"train_gpu_replay_{seqs[0] or 'tiny'}", seqs[0],
+                                ["--methods", "hf-ckpt,memopt-match", "--replay", args.replay], False))
+            for name, seq, extra, trace in runs:
+                if left() < 30:
+                    say(f"{name}: skipped, {left():.0f} s left")
+                    continue
+                bench = out / name
+                size = ["--tiny", "--steps", "2"] if args.tiny else ["--seq", str(seq)]
+                phase = run_phase(name, [python, str(ROOT / "bench" / "train_gpu.py"), *size, "--out", str(bench),
+                                         *(["--trace"] if trace else []), *extra], out, left() - 5)
+                rows = bench / "train_gpu.json"
+                phase["rows"] = json.loads(rows.read_text()) if rows.exists() else []
+                phases.append(phase)
+            if "memory" in wanted and env["cuda_available"] and left() > 30:
+                phases.append(run_phase("cuda_memory_trace", [python, str(ROOT / "bench" / "cuda_memory_trace.py"),
+                                                              "--out", str(out / "memory"), "--snapshot"],
+                                        out, left() - 5))
         return 0 if phases and all(p["rc"] == 0 for p in phases) else 1
     finally:
         summary["seconds"] = round(time.perf_counter() - _STARTED, 1)

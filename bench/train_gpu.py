@@ -23,6 +23,7 @@ pulp with a CBC solver, memopt's C allocator built or a C compiler to build it) 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
 import json
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import environment, write_rows  # noqa: E402
 
 import memopt  # noqa: E402
+from memopt.pools import cuda as pools_cuda  # noqa: E402 - torch.cuda's memory figures, or an installed arena's
 
 METHODS = ("none", "hf-ckpt", "memopt-match", "memopt-50")
 _STARTED = time.perf_counter()
@@ -101,13 +103,13 @@ def step(model, opt, sample) -> torch.Tensor:
     return loss
 
 
-def optimize_then_reset_peaks(model, sample, budget, device):
+def optimize_then_reset_peaks(model, sample, budget, device, optimizer=None):
     """``memopt.optimize``, then a fresh start of the allocator's peak figures: memopt's peaks count the steps it
     trains, not its profiling (paid once, and bounded by the leanest plan's memory anyway)."""
-    handle = memopt.optimize(model, sample, budget)
+    handle = memopt.optimize(model, sample, budget, optimizer=optimizer)
     if device.type == "cuda":
         sync(device)
-        torch.cuda.reset_peak_memory_stats()
+        pools_cuda.reset_peak_memory_stats()
     return handle
 
 
@@ -129,7 +131,7 @@ def _run(method: str, args, device, dtype, budget=None) -> dict:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        pools_cuda.reset_peak_memory_stats()
     say(f"{method}: building the model")
     model = build(args, device, dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
@@ -142,23 +144,38 @@ def _run(method: str, args, device, dtype, budget=None) -> dict:
     elif method.startswith("memopt"):
         say(f"{method}: profiling and planning (budget {budget!r})")
         start = time.perf_counter()
-        handle = optimize_then_reset_peaks(model, sample, budget, device)
+        handle = optimize_then_reset_peaks(model, sample, budget, device, opt)
         plan_s = time.perf_counter() - start
+    arena = args.arena
+    # Untimed first: one warm-up step, and under the arena the heap steps before it records, and the recording.
+    warmups = 1 + (arena.replay_warmup_steps + 1 if arena is not None else 0)
     times = []
-    for index in range(args.steps + 1):
+    for index in range(args.steps + warmups):
         sync(device)
         start = time.perf_counter()
-        loss = step(model, opt, sample)
+        with arena.step() if arena is not None else contextlib.nullcontext():
+            loss = step(model, opt, sample)
         sync(device)
-        if index:
+        if index >= warmups:
             times.append(time.perf_counter() - start)
+        elif index == warmups - 1 and arena is not None:
+            pools_cuda.reset_peak_memory_stats()  # the replayed steps' peaks, not the heap's or the recording's
     say(f"{method}: {args.steps} timed steps, median {statistics.median(times):.4f} s")
     row = {"method": method, "seq": args.seq, "step_s": round(statistics.median(times), 4),
            "loss": round(loss.item(), 4), "plan_s": round(plan_s, 2), "decisions": "", "predicted_overhead": ""}
     if device.type == "cuda":
-        alloc, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+        alloc, reserved = pools_cuda.max_memory_allocated(), pools_cuda.max_memory_reserved()
         row.update(peak_alloc_gib=round(alloc / 2**30, 2), peak_reserved_gib=round(reserved / 2**30, 2),
                    reserved_vs_alloc=round(reserved / alloc, 3))
+    if arena is not None:
+        stats = arena.device_stats()
+        # The region's extent is what it reserves: where the layout was placed shows in extent - plan bytes.
+        row.update(allocator="memopt-replay", plan_gib=round(stats.plan_bytes / 2**30, 2),
+                   live_gib_after=round(stats.live_bytes / 2**30, 2),
+                   extent_gib_after=round(stats.reserved_bytes / 2**30, 2), planned_allocs=stats.planned_allocs,
+                   fallback_allocs=stats.fallback_allocs, replay_note=arena.replay_note,
+                   replay_method=arena.replay_plan.method if arena.replay_plan is not None else "")
+        arena.restart_replay()
     if args.trace and method == args.trace_method:
         row["trace"] = trace_step(model, opt, sample, device, args.out, method)
     if handle is not None:
@@ -178,6 +195,7 @@ def _memopt_figures(handle, out: Path | None, method: str) -> dict:
                                                              for m in modes}.items())),
         "predicted_overhead": round(plan.overhead, 3),
         "predicted_peak_gib": round(plan.predicted_peak_bytes / 2**30, 2),
+        "predicted_step_s": round(plan.predicted_step_s, 4),
         "device_workspace_mib": round(handle.graph.meta.get("device_workspace_bytes", 0) / 2**20, 1),
         "host_peak_gib": round(stats.get("host_peak_bytes", 0) / 2**30, 2),
         "host_capacity_gib": round(stats.get("host_capacity_bytes", 0) / 2**30, 2),
@@ -227,7 +245,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for the rows, plans and trace (default $OUT when set; else bench/results)")
     parser.add_argument("--trace", action="store_true", help="trace one more step of --trace-method")
     parser.add_argument("--trace-method", default="memopt-match")
+    parser.add_argument("--replay", default=None, metavar="BYTES",
+                        help="install memopt's CUDA arena of this size (e.g. 120GiB) first thing and replay each "
+                             "method's planned step layout in it (MEMO's replay); a process of its own")
     args = parser.parse_args(argv)
+    args.arena = None
+    if args.replay:
+        if not torch.cuda.is_available():
+            parser.error("--replay lays out CUDA memory; this machine has no CUDA device")
+        args.arena = pools_cuda.cuda_allocator(args.replay)
+        args.arena.install()  # before anything initialises torch's CUDA allocator
     args.seq = args.seq or (256 if args.tiny else 16384)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]

@@ -5,14 +5,25 @@
         config={..., "zero_optimization": {"stage": 2}, "memopt": {"budget": "20GiB"}})
 
 Same signature and return as ``deepspeed.initialize``, plus an optional ``sample`` (one micro-batch); without
-it the first micro-batch of ``training_data`` is used. Before DeepSpeed wraps the model, memopt moves it
-to the accelerator and the configured dtype (as DeepSpeed would), profiles one step on the sample, divides
-the model states by the data-parallel world size as the ZeRO stage shards them (stage 1: optimizer state,
-stage 2: and gradients, stage 3: and parameters, plus the parameters it keeps gathered: the whole model
-within ``stage3_max_reuse_distance`` parameters, else its two largest blocks), plans under the budget and
-applies the plan; the handle is ``engine.memopt_handle``. The ``"memopt"`` section takes ``budget`` and
-any ``MemoptConfig`` field. DeepSpeed's own activation checkpointing beside it is refused (see
-``_check_no_deepspeed_checkpointing``): one planner decides what is recomputed and swapped.
+it the first micro-batch of ``training_data`` is used. Every rank calls it at once, as ``deepspeed.initialize``.
+Before DeepSpeed wraps the model, memopt moves it to the accelerator and the configured dtype (as DeepSpeed
+would), profiles one step on each rank's sample, divides the model states by the data-parallel world size as
+the ZeRO stage shards them (stage 1: optimizer state, stage 2: and gradients, stage 3: and parameters, plus
+the parameters it keeps gathered: the whole model within ``stage3_max_reuse_distance`` parameters, else its
+two largest blocks), makes one plan for every rank from the slowest rank's times (``memopt.distributed``;
+the budget is one rank's) and applies it; the handle is ``engine.memopt_handle``. The ``"memopt"`` section
+takes ``budget`` and any ``MemoptConfig`` field, or ``plan``: a plan made before (a ``Plan.to_dict()`` or the
+path of its JSON), refused unless made for this world size and ZeRO stage. DeepSpeed's own activation
+checkpointing beside it is refused (see ``_check_no_deepspeed_checkpointing``): one planner decides what is
+recomputed and swapped.
+
+A model built under ``deepspeed.zero.Init`` has its parameters partitioned from the start: memopt gathers them
+whole on every rank for the profiled steps (``deepspeed.zero.GatheredParameters``), so the profile sees their
+real shapes; that needs the whole model's parameters in one rank's memory for a moment. Where they do not fit,
+make the plan where they do (or with ``memopt plan``'s model of the step) and pass it as ``"plan"``.
+``engine.memopt_handle.replan(sample)`` after DeepSpeed wrapped the model profiles the same way, on shadow
+parameters that share the data but none of DeepSpeed's gradient hooks, with ZeRO-3's module hooks lifted for
+the profiled steps: the optimizer's gradients are untouched.
 
 Under ZeRO-3 a parameter's data comes and goes (gathered before its module runs, released after):
 memopt keeps every saved parameter (or view of one) as it is, and a recompute runs inside backward with
@@ -22,8 +33,10 @@ gathered through it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -34,6 +47,7 @@ except ImportError as error:  # pragma: no cover - exercised only without deepsp
     raise ImportError("memopt.integrations.deepspeed needs: pip install 'memopt[deepspeed]'") from error
 
 import memopt
+from memopt import distributed
 from memopt.zero import ZERO3_MAX_REUSE_DISTANCE, param_groups, shard_bytes, zero3_gathered_bytes
 
 __all__ = ["initialize", "shard_model_states"]
@@ -44,8 +58,9 @@ def shard_model_states(graph: memopt.TrainingGraph, zero_stage: int, world_size:
                        max_reuse_distance: int = ZERO3_MAX_REUSE_DISTANCE) -> memopt.TrainingGraph:
     """The graph with its model states as one data-parallel rank holds them under ZeRO ``zero_stage``.
 
-    Stage 1 divides the optimizer state by ``world_size``, stage 2 the gradients too, stage 3 the
-    parameters too, and counts what ZeRO-3 gathers while it runs as ``gathered_param_bytes``
+    Stage 1 divides the optimizer state (and the optimizer step's temporaries and seconds, where the graph has
+    them) by ``world_size``, stage 2 the gradients too, stage 3 the parameters too, and counts what ZeRO-3
+    gathers while it runs as ``gathered_param_bytes``
     (``memopt.zero.zero3_gathered_bytes``: the whole rest of the model when it has at most
     ``max_reuse_distance`` parameters, else its two largest groups).
 
@@ -65,8 +80,12 @@ def shard_model_states(graph: memopt.TrainingGraph, zero_stage: int, world_size:
             group_bytes = param_groups([u.param_grad_bytes for u in graph.units], graph.param_bytes)
         gathered = zero3_gathered_bytes(group_bytes, graph.param_bytes, world_size,
                                         0 if n_params is None else n_params, max_reuse_distance)
+    # The optimizer steps over its partition from stage 1 on: its temporaries and its time shrink with it.
+    step = {k: (shard_bytes(v, world_size) if isinstance(v, int) else v / world_size)
+            for k, v in ((k, getattr(graph, k, None)) for k in ("optimizer_step_bytes", "optimizer_step_s"))
+            if v is not None and zero_stage >= 1}
     return dataclasses.replace(graph, optimizer_bytes=optimizer, grad_bytes=grads, param_bytes=params,
-                               gathered_param_bytes=gathered, sharding_degree=world_size if zero_stage else 1)
+                               gathered_param_bytes=gathered, sharding_degree=world_size if zero_stage else 1, **step)
 
 
 def _check_stage(zero_stage: int, world_size: int) -> None:
@@ -93,17 +112,19 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
     Raises:
         ValueError: a bad ``"memopt"`` section, DeepSpeed's own activation checkpointing configured beside it
             (an ``"activation_checkpointing"`` section with settings other than its defaults, or
-            ``deepspeed.checkpointing.configure`` called), or no sample and no training data.
-        memopt.BudgetError: the budget is below the smallest feasible one.
+            ``deepspeed.checkpointing.configure`` called), no sample and no training data, or a ``"plan"`` made
+            for another world size or ZeRO stage.
+        memopt.BudgetError: the budget is below the smallest feasible one (raised on every rank).
     """
     if model is None:
         raise ValueError("memopt.integrations.deepspeed.initialize needs model=...")
     ds_config = _load(config if config is not None else config_params)
     section = ds_config.pop("memopt", None)
     handle = None
+    wrapped: dict[str, Any] = {}  # the engine, once DeepSpeed has wrapped the model: replan profiles around it
     if section is not None:
         _check_no_deepspeed_checkpointing(ds_config)
-        handle = _apply(model, section, ds_config, sample, training_data, collate_fn)
+        handle = _apply(model, section, ds_config, sample, training_data, collate_fn, wrapped)
     try:
         out = deepspeed.initialize(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
                                    training_data=training_data, lr_scheduler=lr_scheduler, config=ds_config,
@@ -112,6 +133,7 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
         if handle is not None:
             handle.remove()
         raise
+    wrapped["engine"] = out[0]
     out[0].memopt_handle = handle
     return out
 
@@ -162,52 +184,116 @@ def _load(config: str | dict | None) -> dict:
 
 
 def _apply(model: torch.nn.Module, section: dict, ds_config: dict, sample: Any, training_data: Any,
-           collate_fn: Any) -> memopt.Handle:
-    if not isinstance(section, dict) or "budget" not in section:
-        raise ValueError(f"the DeepSpeed config's \"memopt\" section needs a budget, got {section!r}; "
-                         "e.g. \"memopt\": {\"budget\": \"20GiB\"}")
-    options = {k: v for k, v in section.items() if k != "budget"}
+           collate_fn: Any, wrapped: dict) -> memopt.Handle:
+    if not isinstance(section, dict) or ("budget" in section) == ("plan" in section):
+        raise ValueError(f"the DeepSpeed config's \"memopt\" section needs a budget (or a plan made before), got "
+                         f"{section!r}; e.g. \"memopt\": {{\"budget\": \"20GiB\"}}")
+    options = {k: v for k, v in section.items() if k not in ("budget", "plan")}
     known = {f.name for f in dataclasses.fields(memopt.MemoptConfig)}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise ValueError(f"unknown keys {unknown} in the \"memopt\" section; valid: budget, {', '.join(sorted(known))}")
+        raise ValueError(f"unknown keys {unknown} in the \"memopt\" section; valid: budget, plan, "
+                         f"{', '.join(sorted(known))}")
     config = memopt.MemoptConfig(**options)
-    zero = ds_config.get("zero_optimization", {}).get("stage", 0)
-    world = int(torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1
+    zero_section = ds_config.get("zero_optimization", {})
+    zero = zero_section.get("stage", 0)
+    world = distributed.world_size()
     _check_stage(zero, world)
+    sharding = f"zero{zero}" if zero else "none"
+    reuse = int(zero_section.get("stage3_max_reuse_distance", ZERO3_MAX_REUSE_DISTANCE))
+
+    def profile(model, sample, config, optimizer=None):
+        with _bare(model, wrapped.get("engine")):
+            graph = memopt.profile(model, sample, config, optimizer=optimizer)
+            group_bytes, n_params = _group_bytes(model, graph), sum(_numel(p) for p in model.parameters())
+        return shard_model_states(graph, zero, world, group_bytes=group_bytes, n_params=n_params,
+                                  max_reuse_distance=reuse)
+
+    def replanner(model, sample, budget, config, optimizer=None):
+        return distributed.optimize(model, sample, budget, config, sharding=sharding, optimizer=optimizer,
+                                    profile=profile)
 
     from deepspeed.accelerator import get_accelerator
 
     device = torch.device(get_accelerator().current_device_name())
-    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else (
-        torch.float16 if ds_config.get("fp16", {}).get("enabled") else None)
-    if dtype is None:
-        model.to(device)
-    else:
+    if not _partitioned(model):  # zero.Init placed its partitions already
+        dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else (
+            torch.float16 if ds_config.get("fp16", {}).get("enabled") else None)
         model.to(device=device, dtype=dtype)
+    if "plan" in section:
+        plan = _load_plan(section["plan"])
+        return memopt.Handle(model, plan, config, None, sharding=sharding, replanner=replanner)
     if sample is None:
         if training_data is None:
             raise ValueError("pass sample=<one micro-batch> or training_data= so memopt can profile a step")
         batch_size = ds_config.get("train_micro_batch_size_per_gpu") or ds_config.get("train_batch_size", 1)
         loader = torch.utils.data.DataLoader(training_data, batch_size=batch_size, collate_fn=collate_fn)
         sample = next(iter(loader))
-    sample = _to(sample, device)
-    graph = memopt.profile(model, sample, config)
-    zero_section = ds_config.get("zero_optimization", {})
-    graph = shard_model_states(graph, zero, world, group_bytes=_group_bytes(model, graph),
-                               n_params=sum(p.numel() for p in model.parameters()),
-                               max_reuse_distance=int(zero_section.get("stage3_max_reuse_distance",
-                                                                       ZERO3_MAX_REUSE_DISTANCE)))
-    return memopt.apply(model, memopt.plan(graph, section["budget"], config), config, graph)
+    return replanner(model, _to(sample, device), section["budget"], config)
+
+
+def _load_plan(plan: Any) -> memopt.Plan:
+    if isinstance(plan, memopt.Plan):
+        return plan
+    if isinstance(plan, dict):
+        return memopt.Plan.from_dict(plan)
+    if isinstance(plan, str):
+        with open(plan) as f:
+            return memopt.Plan.from_json(f.read())
+    raise ValueError(f"the \"memopt\" section's plan must be a Plan.to_dict() or the path of its JSON, got "
+                     f"{type(plan).__name__}")
+
+
+def _numel(param: torch.nn.Parameter) -> int:
+    """Elements of a parameter whole: a ZeRO-3 parameter's data is its partition, or nothing, between uses."""
+    return getattr(param, "ds_numel", param.numel())
+
+
+def _partitioned(model: torch.nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 def _group_bytes(model: torch.nn.Module, graph: memopt.TrainingGraph) -> list[int]:
     """Parameter bytes, frozen ones included, of each unit and of those outside every unit."""
-    def nbytes(params) -> int:
-        return sum(p.numel() * p.element_size() for p in params)
+    from memopt.blocks import split_name
 
-    return param_groups([nbytes(model.get_submodule(u.name).parameters()) for u in graph.units],
+    def nbytes(params) -> int:
+        return sum(_numel(p) * p.element_size() for p in params)
+
+    return param_groups([nbytes(model.get_submodule(split_name(u.name)[0]).parameters()) for u in graph.units],
                         nbytes(model.parameters()))
+
+
+@contextlib.contextmanager
+def _bare(model: torch.nn.Module, engine: Any):
+    """The model as a plain module for profiled steps: ZeRO-3 parameters gathered whole (every rank at once), and
+    once DeepSpeed has wrapped it, shadow parameters in place of its own (the same data, none of the optimizer's
+    gradient hooks, so a profiled backward leaves its gradients untouched) with ZeRO-3's module hooks lifted
+    (they would gather and release the shadows). A plain model before ``deepspeed.initialize`` stays as it is."""
+    partitioned = _partitioned(model)
+    if engine is None and not partitioned:
+        yield
+        return
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None, enabled=partitioned):
+        saved = [(module, module._parameters) for module in model.modules()]
+        shadows: dict[int, torch.nn.Parameter] = {}
+        for module, params in saved:
+            plain = OrderedDict()
+            for name, param in params.items():
+                if param is not None and id(param) not in shadows:
+                    shadows[id(param)] = torch.nn.Parameter(param.data, requires_grad=param.requires_grad)
+                plain[name] = None if param is None else shadows[id(param)]
+            object.__setattr__(module, "_parameters", plain)
+        if offload is not None:
+            offload._remove_module_hooks()
+        try:
+            yield
+        finally:
+            for module, params in saved:
+                object.__setattr__(module, "_parameters", params)
+            if offload is not None:
+                offload.setup_zero_stage3_hooks()
 
 
 def _to(batch: Any, device: torch.device) -> Any:

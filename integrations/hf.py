@@ -50,6 +50,7 @@ class MemoptCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs: Any):
         if model is None or train_dataloader is None:
             raise ValueError("MemoptCallback needs the Trainer's model and train dataloader at on_train_begin")
+        _refuse_wrapped(args)
         sample = _first_batch(train_dataloader, _device(model))
         self.handle = memopt.optimize(model, sample, self.budget, self.config)
         return control
@@ -59,6 +60,22 @@ class MemoptCallback(TrainerCallback):
             self.handle.remove()
             self.handle = None
         return control
+
+
+def _refuse_wrapped(args) -> None:
+    """The callback runs after accelerate has wrapped the model: under a DeepSpeed or FSDP config its profile
+    would run with their hooks live (gradient reduction, parameter gathering) and plan the wrong step."""
+    deepspeed = getattr(args, "deepspeed", None)
+    if deepspeed:
+        raise ValueError(f"MemoptCallback cannot plan a Trainer run with a DeepSpeed config (deepspeed={deepspeed!r}):"
+                         " the callback sees the model after DeepSpeed has wrapped it. Put a \"memopt\" section in "
+                         "the DeepSpeed config and train with memopt.integrations.deepspeed.initialize, or drop "
+                         "the callback")
+    fsdp = getattr(args, "fsdp", None)
+    if fsdp:
+        raise ValueError(f"MemoptCallback cannot plan a Trainer run with FSDP (fsdp={fsdp!r}): the callback sees "
+                         "the model after accelerate has sharded it. Shard it with fully_shard and train with "
+                         "memopt.integrations.fsdp.optimize, or drop the callback")
 
 
 def _device(model: torch.nn.Module) -> torch.device:

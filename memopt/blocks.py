@@ -40,7 +40,8 @@ def select_units(model: nn.Module, patterns: list[str] | None = None,
     Args:
         model (nn.Module): the model.
         patterns (list[str] | None): ``fnmatch`` patterns of module paths; None picks automatically:
-            the blocks of the largest ``nn.ModuleList`` of same-class modules; else, when ``calls`` is given,
+            the children of ``nn.ModuleList``s of the most common class (an encoder-decoder's encoder and
+            decoder blocks together); else, when ``calls`` is given,
             the blocks the step calls several times (``shared_blocks``); else the children of the largest
             ``nn.Sequential``.
         calls (Callable[[], dict[str, int]] | None): calls per module path in one forward, computed only
@@ -83,14 +84,19 @@ def select_units(model: nn.Module, patterns: list[str] | None = None,
 
 
 def _module_list_blocks(named: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
-    best: list[tuple[str, nn.Module]] = []
+    """The children of ``nn.ModuleList``s of the class most of them have (at least 2 in all; ties go to the
+    outermost class): an encoder-decoder's encoder and decoder blocks (T5) are both planned."""
+    found: dict[type, list[tuple[str, nn.Module]]] = {}
     for name, module in named:
-        if isinstance(module, nn.ModuleList) and len(module) >= 2:
-            kinds = Counter(type(child) for child in module)
-            kind, count = kinds.most_common(1)[0]
-            if count >= 2 and count > len(best):
-                best = [(f"{name}.{i}", child) for i, child in enumerate(module) if type(child) is kind]
-    return best
+        if isinstance(module, nn.ModuleList):
+            for i, child in enumerate(module):
+                found.setdefault(type(child), []).append((f"{name}.{i}", child))
+    candidates = [blocks for blocks in found.values() if len(blocks) >= 2]
+    if not candidates:
+        return []
+    best = max(candidates, key=lambda blocks: (len(blocks), -min(n.count(".") for n, _ in blocks)))
+    order = {n: i for i, (n, _) in enumerate(named)}
+    return sorted(best, key=lambda item: order[item[0]])
 
 
 def _sequential_children(model: nn.Module, named: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:

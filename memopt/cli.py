@@ -96,6 +96,7 @@ def _positive(text: str) -> float:
 
 def _parser() -> argparse.ArgumentParser:
     from .fake_profile import ATTN_IMPLEMENTATIONS, OPTIMIZER_STATES, preset_names
+    from .precision import PRECISIONS
 
     parser = _Parser(prog="memopt", description="Plan activation memory (keep / swap / recompute) for training.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -112,8 +113,19 @@ def _parser() -> argparse.ArgumentParser:
                       help="whole-step device memory, model states included, e.g. 40GiB; default: the GPU's memory "
                            "(then the fastest plan that fits the GPU)")
     plan.add_argument("--gpu", type=_gpu, default=Hardware.preset("h100"), help="GPU preset (default h100)")
-    plan.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="training dtype (default bf16)")
+    plan.add_argument("--precision", choices=list(PRECISIONS), default=None,
+                      help="precision convention: bf16-mixed (bf16 params and grads, fp32 optimizer states and master "
+                           "copy), bf16-true (everything bf16), fp16-mixed, 32-true (default: from --dtype)")
+    plan.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
+                      help="training dtype when no --precision: bf16-mixed, fp16-mixed or 32-true (default bf16)")
     plan.add_argument("--optimizer", choices=list(OPTIMIZER_STATES), default="adamw", help="optimizer (default adamw)")
+    plan.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                      help="micro-batches per optimizer step; above 1 gradients are held all step (default 1)")
+    plan.add_argument("--lora", type=int, default=0, metavar="R",
+                      help="train LoRA adapters of rank R on every linear but the LM head, the base frozen")
+    plan.add_argument("--qlora", action="store_true", help="with --lora: the base weights in 4-bit NF4 (bitsandbytes)")
+    plan.add_argument("--qst", action="store_true",
+                      help="Quantized Side Tuning (memopt.qst): the model frozen in NF4, a side network trains")
     plan.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=0, help="ZeRO stage (default 0)")
     plan.add_argument("--world-size", type=int, default=1, help="GPUs ZeRO shards over (default 1)")
     plan.add_argument("--attn-impl", choices=ATTN_IMPLEMENTATIONS, default=None,
@@ -157,11 +169,18 @@ def _hardware(args: argparse.Namespace) -> Hardware:
     return dataclasses.replace(args.gpu, name=f"{args.gpu.name} (custom)", **changes)
 
 
-def _zero_options(graph, n_params: int, setup, activation_floor_bytes: int,
-                  budget_bytes: int) -> list[tuple[int, int, int]]:
-    """(GPUs, ZeRO stage, bytes) of the smallest world size per stage whose states (with the parameters
-    ZeRO-3 gathers) and activations fit."""
-    from .fake_profile import model_states, zero3_gathered
+def _zero_options(graph, n_params: int, setup, activation_floor_bytes: int, budget_bytes: int,
+                  options) -> list[tuple[int, int, int]]:
+    """(GPUs, ZeRO stage, bytes) of the smallest world size per stage whose step fits: a first guess from the
+    model states (with the parameters ZeRO-3 gathers) plus this step's activation floor, then the planner's own
+    minimum on the resharded step, halving the world while it still fits, so the budget quoted is one a plan
+    fits in as written."""
+    from .planners import min_feasible_bytes
+
+    from .fake_profile import model_states, resharded, zero3_gathered
+
+    def need(stage: int, world: int) -> int:
+        return min_feasible_bytes(resharded(graph, stage, world), options)[0]
 
     found = []
     for stage in (3, 2, 1):
@@ -169,15 +188,28 @@ def _zero_options(graph, n_params: int, setup, activation_floor_bytes: int,
         while world <= 4096:
             trial = dataclasses.replace(setup, zero_stage=stage, world_size=world)
             gathered = zero3_gathered(graph, n_params, setup.dtype, world) if stage == 3 else 0
-            need = model_states(n_params, trial).total_bytes + gathered + activation_floor_bytes
-            if need <= budget_bytes:
-                found.append((world, stage, need))
+            if model_states(n_params, trial).total_bytes + gathered + activation_floor_bytes <= budget_bytes:
                 break
             world *= 2
+        if world > 4096:
+            continue
+        bytes_needed = need(stage, world)
+        while bytes_needed > budget_bytes and world < 4096:  # the guess was short
+            world *= 2
+            bytes_needed = need(stage, world)
+        if bytes_needed > budget_bytes:
+            continue
+        while world > 2:
+            smaller = need(stage, world // 2)
+            if smaller > budget_bytes:
+                break
+            world, bytes_needed = world // 2, smaller
+        found.append((world, stage, bytes_needed))
     return sorted(found)
 
 
-def _budget_message(graph, setup, exc: BudgetError, budget_bytes: int, budget_text: str) -> str:
+def _budget_message(graph, setup, exc: BudgetError, budget_bytes: int, budget_text: str,
+                    planner_options=None) -> str:
     states = graph.model_state_bytes
     floor = max(0, exc.min_feasible_bytes - graph.resident_bytes)
     minimum = format_budget(exc.min_feasible_bytes)
@@ -192,7 +224,8 @@ def _budget_message(graph, setup, exc: BudgetError, budget_bytes: int, budget_te
     else:
         head = f"no plan fits budget {budget_text}: the step needs at least {minimum}, set by {exc.dominated_by}"
     n_params = graph.meta.get("n_params")
-    options = _zero_options(graph, n_params, setup, floor, budget_bytes) if isinstance(n_params, int) else []
+    options = (_zero_options(graph, n_params, setup, floor, budget_bytes, planner_options)
+               if isinstance(n_params, int) and "unsharded_states" in graph.meta else [])
     options = [o for o in options if (o[1], o[0]) != (setup.zero_stage, setup.world_size)]
     if options:
         fixes = " or ".join(f"ZeRO-{stage} over {world} GPUs (--zero-stage {stage} --world-size {world}, needs "
@@ -209,14 +242,18 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     try:
         setup = TrainingSetup(seq_len=args.seq, batch_size=args.batch, dtype=args.dtype, optimizer=args.optimizer,
-                              zero_stage=args.zero_stage, world_size=args.world_size)
+                              zero_stage=args.zero_stage, world_size=args.world_size, precision=args.precision,
+                              grad_accumulation=args.grad_accum, lora_rank=args.lora, qlora=args.qlora,
+                              qst=args.qst)
         hardware = _hardware(args)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     budget = args.budget if args.budget is not None else hardware.device_bytes
     budget_text = args.budget if args.budget is not None else f"{format_bytes(hardware.device_bytes)} ({hardware.name})"
     budget_bytes = parse_bytes(budget, what="--budget")
-    request = {"model": args.model, "seq": args.seq, "batch": args.batch, "dtype": args.dtype,
+    request = {"model": args.model, "seq": args.seq, "batch": args.batch, "dtype": setup.dtype,
+               "precision": setup.precision, "grad_accum": setup.grad_accumulation, "lora": setup.lora_rank,
+               "qlora": setup.qlora, "qst": setup.qst,
                "optimizer": args.optimizer, "zero_stage": args.zero_stage, "world_size": args.world_size,
                "gpu": hardware.name, "budget": args.budget, "attn_impl": args.attn_impl}
     progress = _Progress(enabled=not args.quiet)
@@ -224,11 +261,17 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     graph = fake_profile(args.model, setup, hardware, attn_implementation=args.attn_impl, progress=progress)
     progress(f"solving the plan (time limit {args.time_limit:g} s)")
     try:
-        plan = solve_plan(graph, budget, MemoptConfig(time_limit_s=args.time_limit))
+        config = MemoptConfig(time_limit_s=args.time_limit)
+        plan = solve_plan(graph, budget, config)
+        # Made for these ranks: memopt.integrations.deepspeed takes it as {"memopt": {"plan": "plan.json"}}.
+        plan = dataclasses.replace(plan, world_size=args.world_size,
+                                   sharding=f"zero{args.zero_stage}" if args.zero_stage else "none")
     except BudgetError as exc:
+        progress(f"finding the ZeRO sharding that fits {budget_text}")
+        message = _budget_message(graph, setup, exc, budget_bytes, budget_text, config.planner_options())
         progress.done()
         print(render_breakdown(graph, request))
-        raise UsageError(_budget_message(graph, setup, exc, budget_bytes, budget_text)) from None
+        raise UsageError(message) from None
     progress("checking the plan with the simulator")
     report = PlanReport(graph, plan, request)
     text = render_text(report)

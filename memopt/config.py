@@ -40,9 +40,22 @@ class MemoptConfig:
             units) and warns once: always exact, may cost time. ``"error"`` raises.
         allow_swap (bool, default True): let the planner swap to host memory.
         allow_recompute (bool, default True): let the planner recompute.
-        optimizer_states_per_param (float, default 2.0): optimizer state bytes per trainable parameter
-            byte, for the model-state part of a byte budget (AdamW 2, SGD with momentum 1, SGD 0).
+        optimizer (str, default "adamw"): the optimizer whose states count in the model states when
+            ``memopt.optimize`` is given no live optimizer (``memopt.precision.OPTIMIZERS``); with one, its
+            states are read from it.
+        precision (str | None, default None): the precision convention (``memopt.precision.PRECISIONS``); None
+            counts the parameters as they are stored, with optimizer states in their dtype and no master copy.
+            A mixed convention (``bf16-mixed``, ``fp16-mixed``) adds the optimizer's fp32 master copy and fp32
+            states for 16-bit parameters.
+        grad_accumulation (bool, default False): gradients are held across steps (gradient accumulation, or
+            ``zero_grad(set_to_none=False)``): resident the whole step. False: they appear during backward.
         lookahead (int, default 1): units whose swapped activations are prefetched ahead in backward.
+        head (str, default "auto"): the LM head and its loss computed over chunks of token rows, so that the
+            logits of all tokens never exist at once: ``"auto"`` where the budget needs it (the planner
+            decides), ``"chunked"`` always, ``"off"`` never (the head is then not profiled for it).
+        exact (bool, default False): only plans whose gradients are bitwise those without memopt: a trained
+            head is then never chunked (its weight's gradient would be a sum over chunks, equal within float
+            rounding).
     """
 
     loss_fn: Callable[[Any, Any], Any] | None = None
@@ -58,8 +71,12 @@ class MemoptConfig:
     on_shape_change: str = "recompute"
     allow_swap: bool = True
     allow_recompute: bool = True
-    optimizer_states_per_param: float = 2.0
+    optimizer: str = "adamw"
+    precision: str | None = None
+    grad_accumulation: bool = False
     lookahead: int = 1
+    head: str = "auto"
+    exact: bool = False
 
     def __post_init__(self) -> None:
         if self.loss_fn is not None and not callable(self.loss_fn):
@@ -77,8 +94,15 @@ class MemoptConfig:
             raise ValueError(f"profile_warmup must be an int >= 0, got {self.profile_warmup!r}")
         if self.on_shape_change not in _SHAPE_POLICIES:
             raise ValueError(f"on_shape_change must be one of {_SHAPE_POLICIES}, got {self.on_shape_change!r}")
-        if not self.optimizer_states_per_param >= 0:
-            raise ValueError(f"optimizer_states_per_param must be >= 0, got {self.optimizer_states_per_param!r}; AdamW is 2")
+        from .precision import OPTIMIZERS, PRECISIONS
+
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}; pass the live "
+                             "optimizer to memopt.optimize(..., optimizer=opt) to read its states")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} or None, got {self.precision!r}")
+        if not isinstance(self.grad_accumulation, bool):
+            raise ValueError(f"grad_accumulation must be True or False, got {self.grad_accumulation!r}")
         self.planner_options()  # the planner's switches are validated there, once
 
     def planner_options(self):
@@ -92,4 +116,5 @@ class MemoptConfig:
 
         return PlannerOptions(host_budget_bytes=self.host_budget, time_limit_s=self.time_limit_s, mip_gap=self.mip_gap,
                               row_multiple=self.row_multiple, allow_swap=self.allow_swap,
-                              allow_recompute=self.allow_recompute, lookahead=self.lookahead)
+                              allow_recompute=self.allow_recompute, lookahead=self.lookahead, head=self.head,
+                              exact=self.exact)

@@ -22,7 +22,9 @@ from typing import Any
 
 from .config import MemoptConfig
 from .errors import MemoptError
+from .fake_adapters import add_lora, dequantized_bytes, nf4_bytes
 from .graph import TrainingGraph
+from .precision import OPTIMIZERS, optimizer_state_bytes, precision, step_traffic_bytes, step_workspace_bytes
 from .zero import param_groups, shard_bytes, zero3_gathered_bytes
 from .hardware import Hardware
 
@@ -36,6 +38,7 @@ __all__ = [
     "analytic_param_count",
     "attention_implementation",
     "fake_profile",
+    "resharded",
     "load_model_config",
     "model_states",
     "parameter_count",
@@ -48,8 +51,10 @@ PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 _TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
-#: fp32 optimizer states per trainable parameter.
-OPTIMIZER_STATES = {"adamw": 2, "sgd-momentum": 1, "sgd": 0}
+#: Optimizers ``TrainingSetup.optimizer`` accepts (``memopt.precision``).
+OPTIMIZER_STATES = {name: name for name in OPTIMIZERS}
+#: The precision convention a bare ``dtype`` stands for.
+DTYPE_PRECISION = {"bf16": "bf16-mixed", "fp16": "fp16-mixed", "fp32": "32-true"}
 
 _FP32_BYTES = 4
 
@@ -74,11 +79,22 @@ class TrainingSetup:
     Args:
         seq_len (int): tokens per sequence.
         batch_size (int, default 1): sequences per step on one GPU.
-        dtype (str, default "bf16"): parameter, gradient and activation dtype: ``bf16``, ``fp16`` or ``fp32``.
-        optimizer (str, default "adamw"): ``adamw`` (2 fp32 states), ``sgd-momentum`` (1) or ``sgd`` (0).
+        dtype (str, default "bf16"): parameter, gradient and activation dtype: ``bf16``, ``fp16`` or ``fp32``;
+            without ``precision`` it stands for ``bf16-mixed``, ``fp16-mixed`` or ``32-true``.
+        optimizer (str, default "adamw"): one of ``memopt.precision.OPTIMIZERS``.
         zero_stage (int, default 0): ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also
             parameters, each over ``world_size`` GPUs.
         world_size (int, default 1): data-parallel GPUs the states are sharded over.
+        precision (str | None, default None): the precision convention (``memopt.precision.PRECISIONS``); it
+            sets ``dtype`` to its parameters' dtype.
+        grad_accumulation (int, default 1): micro-batches per optimizer step; above 1 the gradients are held
+            through every step.
+        lora_rank (int, default 0): LoRA adapters of this rank on every linear but the LM head, the rest
+            frozen (``memopt.fake_adapters``); 0 trains the whole model.
+        qlora (bool, default False): the LoRA base weights in bitsandbytes' NF4 (needs ``lora_rank``).
+        qst (bool, default False): Quantized Side Tuning (``memopt.qst`` with its default ``QSTConfig``): every
+            linear but the LM head in NF4 and frozen, a side network 16 times narrower the only thing that
+            trains; not with ``lora_rank``.
     """
 
     seq_len: int
@@ -87,9 +103,26 @@ class TrainingSetup:
     optimizer: str = "adamw"
     zero_stage: int = 0
     world_size: int = 1
+    precision: str | None = None
+    grad_accumulation: int = 1
+    lora_rank: int = 0
+    qlora: bool = False
+    qst: bool = False
 
     def __post_init__(self) -> None:
-        for key in ("seq_len", "batch_size", "world_size"):
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be an int >= 0, got {self.lora_rank!r}")
+        if self.qlora and not self.lora_rank:
+            raise ValueError("qlora trains LoRA adapters on a 4-bit base: give their rank too (--lora 16 --qlora)")
+        if self.qst and self.lora_rank:
+            raise ValueError(f"qst trains a side network beside a frozen 4-bit model, lora_rank={self.lora_rank} "
+                             "adapters inside it: choose one (--qst, or --lora R [--qlora])")
+        if self.precision is not None:
+            self.dtype = {"32-true": "fp32", "fp16-mixed": "fp16"}.get(self.precision, "bf16")
+            precision(self.precision)
+        else:
+            self.precision = DTYPE_PRECISION.get(self.dtype, self.dtype)
+        for key in ("seq_len", "batch_size", "world_size", "grad_accumulation"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key} must be an int >= 1, got {value!r}")
@@ -127,45 +160,67 @@ class ModelStates:
         return self.param_bytes + self.grad_bytes + self.optimizer_bytes
 
 
-def model_states(n_params: int, setup: TrainingSetup) -> ModelStates:
+def model_states(n_params: int, setup: TrainingSetup, shapes: list[tuple[int, ...]] | None = None,
+                 frozen_bytes: int = 0) -> ModelStates:
     """Count model states for ``n_params`` trainable parameters under ``setup``.
 
-    Parameters and gradients are in ``setup.dtype``. The optimizer holds its fp32 states and, when the
-    dtype is bf16 or fp16, an fp32 master copy of the parameters (mixed-precision training). ZeRO stage
-    1 divides the optimizer bytes by the world size, stage 2 also the gradients, stage 3 also the
-    parameters (rounded up: the last rank holds the remainder).
+    Parameters, gradients and optimizer states as ``setup.precision`` stores them (``memopt.precision``):
+    ``bf16-mixed`` and ``fp16-mixed`` keep 16-bit parameters and gradients, fp32 optimizer states and an fp32
+    master copy; ``bf16-true`` keeps everything in bf16; ``32-true`` in fp32. ZeRO stage 1 divides the optimizer
+    bytes by the world size, stage 2 also the gradients, stage 3 also the parameters (rounded up: the last rank
+    holds the remainder).
 
     Args:
         n_params (int): trainable parameters.
-        setup (TrainingSetup): dtype, optimizer, ZeRO stage and world size.
+        setup (TrainingSetup): precision, optimizer, ZeRO stage and world size.
+        shapes (list[tuple[int, ...]] | None, default None): the trainable parameters' shapes, for optimizers
+            whose states depend on them (Adafactor's factored moments, 8-bit Adam's small tensors); None counts
+            one flat tensor of ``n_params``.
+        frozen_bytes (int, default 0): bytes of the parameters that do not train (a LoRA or QLoRA base), as
+            stored: no gradient, no optimizer state.
 
     Example:
         >>> s = model_states(1000, TrainingSetup(seq_len=1))
         >>> (s.param_bytes, s.grad_bytes, s.optimizer_bytes)
-        (2000, 2000, 12000)
+        (2000, 2000, 12004)
+        >>> model_states(1000, TrainingSetup(seq_len=1, precision="bf16-true")).optimizer_bytes
+        4004
     """
     if isinstance(n_params, bool) or not isinstance(n_params, int) or n_params < 0:
         raise ValueError(f"n_params must be an int >= 0, got {n_params!r}")
-    width = DTYPE_BYTES[setup.dtype]
-    states = OPTIMIZER_STATES[setup.optimizer]
-    master = setup.dtype != "fp32"
-    per_param_opt = _FP32_BYTES * (states + (1 if master else 0))
+    conv = precision(setup.precision)
+    shapes = shapes if shapes is not None else [(n_params,)]
+    states = optimizer_state_bytes(setup.optimizer, shapes, conv.state_bytes)
+    optimizer_bytes = states + conv.master_bytes * n_params
     shards = setup.world_size
 
     def shard(nbytes: int, stage: int) -> int:
         return shard_bytes(nbytes, shards) if setup.zero_stage >= stage else nbytes
 
-    parts = [f"{states} fp32 state{'s' if states != 1 else ''}"]
-    if master:
-        parts.append("fp32 master copy")
-    convention = (f"params and grads in {setup.dtype} ({width} B/param each); {setup.optimizer}: "
-                  f"{' + '.join(parts)} = {per_param_opt} B/param")
+    master = f" + fp{8 * conv.master_bytes} master copy" if conv.master_bytes else ""
+    convention = (f"{conv.name}: params and grads {conv.param_bytes} B/param each; {setup.optimizer} states in "
+                  f"{conv.state_bytes}-byte elements{master} = {optimizer_bytes / max(n_params, 1):.2f} B/param")
     if setup.zero_stage:
         sharded = ["optimizer", "gradients", "parameters"][: setup.zero_stage]
         convention += f"; ZeRO-{setup.zero_stage} shards {', '.join(sharded)} over {shards} GPUs"
-    return ModelStates(n_params=n_params, param_bytes=shard(width * n_params, 3),
-                       grad_bytes=shard(width * n_params, 2), optimizer_bytes=shard(per_param_opt * n_params, 1),
+    return ModelStates(n_params=n_params, param_bytes=shard(conv.param_bytes * n_params + frozen_bytes, 3),
+                       grad_bytes=shard(conv.grad_bytes * n_params, 2), optimizer_bytes=shard(optimizer_bytes, 1),
                        convention=convention)
+
+
+def optimizer_step(n_params: int, setup: TrainingSetup, shapes: list[tuple[int, ...]] | None, hardware: Hardware
+                   ) -> tuple[int, float]:
+    """Bytes of temporaries and seconds of one optimizer step on one GPU (multi-tensor, torch's default on CUDA;
+    ZeRO-1 and above divide both by the world size)."""
+    conv = precision(setup.precision)
+    shapes = shapes if shapes is not None else [(n_params,)]
+    shards = setup.world_size if setup.zero_stage else 1
+    temporaries = step_workspace_bytes(setup.optimizer, shapes, conv.state_bytes, foreach=True)
+    traffic = step_traffic_bytes(setup.optimizer, n_params, conv.state_bytes)
+    if conv.master_bytes:  # the master copy's update and the cast back to 16 bits
+        traffic += 3 * conv.master_bytes * n_params
+    seconds = traffic / (hardware.mem_bytes_per_s * hardware.memory_efficiency)
+    return shard_bytes(temporaries, shards), seconds / shards
 
 
 def zero3_gathered(graph: TrainingGraph, n_params: int, dtype: str, world_size: int) -> int:
@@ -382,6 +437,73 @@ def _position_limit(hf_config, model) -> int | None:
     return limit if learned else None
 
 
+def _frozen_bytes(model, adapted, qlora: bool) -> tuple[int, int]:
+    """Bytes of the parameters that do not train, as ``(4-bit base, the rest as built)``: under QLoRA the adapted
+    base weights in NF4, every other frozen parameter (embeddings, norms, the LM head) in its own dtype."""
+    quantized = {id(linear.weight) for linear in adapted} if qlora else set()
+    seen: set[int] = set()
+    nf4 = dense = 0
+    for p in model.parameters():
+        if p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in quantized:
+            nf4 += nf4_bytes(p.numel())
+        else:
+            dense += p.numel() * p.element_size()
+    return nf4, dense
+
+
+def _with_dequantized_weights(graph: TrainingGraph, model, extra_bytes: int | None = None) -> TrainingGraph:
+    """A 4-bit base: each unit's forward, backward and checkpoint workspaces hold a dequantised bf16 weight, its
+    own largest (QLoRA), or ``extra_bytes`` (QST, whose backbone runs beside units of the side network: the
+    largest of the backbone, a bound)."""
+    units = []
+    for unit in graph.units:
+        extra = (extra_bytes if extra_bytes is not None
+                 else dequantized_bytes(model.get_submodule(unit.name.split("#")[0])))
+        units.append(dataclasses.replace(
+            unit, forward_workspace_bytes=unit.forward_workspace_bytes + extra,
+            backward_workspace_bytes=unit.backward_workspace_bytes + extra,
+            checkpoint_workspace_bytes=unit.checkpoint_workspace_bytes + extra))
+    return dataclasses.replace(graph, units=units)
+
+
+def _quantized_by_qst(model) -> list:
+    """The layers ``memopt.qst`` puts in NF4: every linear (and GPT-2 ``Conv1D``) but the LM head."""
+    from torch import nn
+
+    head = model.get_output_embeddings()
+    kinds: tuple[type, ...] = (nn.Linear,)
+    try:
+        from transformers.pytorch_utils import Conv1D
+        kinds += (Conv1D,)
+    except ImportError:  # pragma: no cover - transformers is here whenever a config is
+        pass
+    return [m for m in model.modules() if isinstance(m, kinds) and m is not head]
+
+
+def _with_side_network(model, name: str):
+    """``apply_qst`` with its default side network on a model of fake tensors, the backbone left unquantised
+    (there is no data to quantise; its bytes are counted as NF4 by ``_frozen_bytes``)."""
+    from .qst import QSTConfig, apply_qst
+
+    try:
+        return apply_qst(model, QSTConfig(quantize=None))
+    except ValueError as exc:
+        raise ModelConfigError(f"--qst: {name}: {exc}") from None
+
+
+def _trainable_shapes(model) -> list[tuple[int, ...]]:
+    seen: set[int] = set()
+    out = []
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append(tuple(p.shape))
+    return out
+
+
 def _trainable_params(model) -> int:
     seen: set[int] = set()
     total = 0
@@ -462,7 +584,14 @@ def fake_profile(model: Any, setup: TrainingSetup, hardware: Hardware, config: M
         if limit is not None and setup.seq_len > limit:
             raise ModelConfigError(f"seq {setup.seq_len} is longer than {name}'s learned position table "
                                    f"({limit} positions); pass --seq {limit} or less")
+        adapted = add_lora(module, setup.lora_rank) if setup.lora_rank else []
+        if setup.qst:
+            adapted = _quantized_by_qst(module)
+            module = _with_side_network(module, name)
         n_params = _trainable_params(module)
+        shapes = _trainable_shapes(module)
+        nf4_base, frozen_dense = _frozen_bytes(module, adapted, setup.qlora or setup.qst)
+        frozen = nf4_base + frozen_dense
         try:
             units = select_units(module, config.units)
         except ValueError as exc:
@@ -490,13 +619,20 @@ def fake_profile(model: Any, setup: TrainingSetup, hardware: Hardware, config: M
             for hook in hooks:
                 hook.remove()
     say(f"traced in {time.perf_counter() - started:.1f} s")
-    states = model_states(n_params, setup)
+    if setup.qlora:
+        graph = _with_dequantized_weights(graph, module)
+    if setup.qst:
+        graph = _with_dequantized_weights(graph, module, max(2 * w.weight.numel() for w in adapted))
+    states = model_states(n_params, setup, shapes, frozen)
+    step_bytes, step_s = optimizer_step(n_params, setup, shapes, hardware)
     meta = dict(graph.meta)
     meta.update({
         "model": name, "architecture": type(module).__name__, "model_type": hf_config.model_type,
         "attn_implementation": attention,
         "profiled": "fake", "timing": f"roofline of {hardware.name}", "n_params": n_params,
         "seq_len": setup.seq_len, "batch_size": setup.batch_size, "dtype": setup.dtype,
+        "precision": setup.precision, "grad_accumulation": setup.grad_accumulation, "lora_rank": setup.lora_rank,
+        "qlora": setup.qlora, "qst": setup.qst, "frozen_param_bytes": frozen, "nf4_base_bytes": nf4_base,
         "optimizer": setup.optimizer, "zero_stage": setup.zero_stage, "world_size": setup.world_size,
         "model_states_convention": states.convention, "trace_s": time.perf_counter() - started,
         "modelled_flops": roofline.flops, "modelled_step_s_safe_mode": roofline.elapsed_s,
@@ -504,11 +640,48 @@ def fake_profile(model: Any, setup: TrainingSetup, hardware: Hardware, config: M
     limit_note = getattr(hf_config, "max_position_embeddings", None)
     if isinstance(limit_note, int) and setup.seq_len > limit_note:
         meta["note"] = f"seq {setup.seq_len} exceeds the model's max_position_embeddings ({limit_note})"
+    whole = dataclasses.replace(setup, zero_stage=0, world_size=1)
+    whole_states = model_states(n_params, whole, shapes, frozen)
+    meta["unsharded_states"] = {"param_bytes": whole_states.param_bytes, "grad_bytes": whole_states.grad_bytes,
+                                "optimizer_bytes": whole_states.optimizer_bytes,
+                                "optimizer_step_bytes": optimizer_step(n_params, whole, shapes, hardware)[0],
+                                "optimizer_step_s": optimizer_step(n_params, whole, shapes, hardware)[1]}
     gathered = zero3_gathered(graph, n_params, setup.dtype, setup.world_size) if setup.zero_stage == 3 else 0
     # Plans copy the graph's meta: this lets Plan.summary split a budget into states and activations.
     return dataclasses.replace(
         graph, param_bytes=states.param_bytes, grad_bytes=states.grad_bytes, optimizer_bytes=states.optimizer_bytes,
-        sharding_degree=setup.world_size if setup.zero_stage else 1, gathered_param_bytes=gathered, meta=meta)
+        sharding_degree=setup.world_size if setup.zero_stage else 1, gathered_param_bytes=gathered, meta=meta,
+        grads_resident=setup.grad_accumulation > 1, optimizer_step_bytes=step_bytes, optimizer_step_s=step_s)
+
+
+def resharded(graph: TrainingGraph, zero_stage: int, world_size: int) -> TrainingGraph:
+    """A modelled step (from ``fake_profile``) as it would be under another ZeRO stage and world size: the
+    same activations, model states and optimizer step sharded as ``model_states`` and ``optimizer_step`` shard
+    them, with the parameters ZeRO-3 gathers.
+
+    Raises:
+        ValueError: a graph ``fake_profile`` did not make, or a stage or world size out of range.
+    """
+    whole = graph.meta.get("unsharded_states")
+    if not isinstance(whole, dict):
+        raise ValueError("resharded needs a graph from memopt.fake_profile (its meta has no 'unsharded_states')")
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    shards = world_size if zero_stage else 1
+
+    def shard(nbytes: int, stage: int) -> int:
+        return shard_bytes(nbytes, shards) if zero_stage >= stage else nbytes
+
+    n_params = graph.meta["n_params"]
+    gathered = zero3_gathered(graph, n_params, graph.meta["dtype"], world_size) if zero_stage == 3 else 0
+    meta = dict(graph.meta, zero_stage=zero_stage, world_size=world_size)
+    return dataclasses.replace(
+        graph, param_bytes=shard(whole["param_bytes"], 3), grad_bytes=shard(whole["grad_bytes"], 2),
+        optimizer_bytes=shard(whole["optimizer_bytes"], 1), sharding_degree=shards, gathered_param_bytes=gathered,
+        optimizer_step_bytes=shard(whole["optimizer_step_bytes"], 1),
+        optimizer_step_s=whole["optimizer_step_s"] / shards, meta=meta)
 
 
 def analytic_param_count(hf_config) -> int:

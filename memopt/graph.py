@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from .decisions import Decision, Mode
 from .hardware import Hardware
@@ -172,8 +172,19 @@ class TrainingGraph:
         shared_input_bytes (int): tensors the step makes and passes to several units (an attention mask,
             rotary tables): alive through the forward, and until the end of backward when a unit is
             recomputed (wholly or selectively), whose recompute needs them.
+        shared_saved (bool): a unit saves a shared input for its backward (rotary tables, a mask): the shared
+            inputs are held through backward whatever the plan, and count once there, not in each unit.
         head (HeadProfile | None): the LM head and its loss, when they were measured; its first option is
             part of ``head_workspace_bytes`` and ``other_*_s``, the others replace it there.
+        grads_resident (bool): gradients are held the whole step (gradient accumulation, or
+            ``zero_grad(set_to_none=False)``). False: ``zero_grad(set_to_none=True)`` freed them, and they
+            appear during backward: the head's at the turn, each unit's in its backward, the rest after.
+        head_grad_bytes (int): unsharded gradient bytes of trainable parameters outside every unit that the
+            step uses after the last unit (final norm, LM head; a tied embedding is one of them).
+        other_grad_bytes (int): unsharded gradient bytes of the other trainable parameters outside every unit
+            (embeddings): they appear at the end of backward.
+        optimizer_step_bytes (int): bytes the optimizer step allocates beyond the states (its temporaries).
+        optimizer_step_s (float): seconds of the optimizer step.
         meta (dict): free-form facts (model name, batch shape, dtype, how it was profiled).
     """
 
@@ -189,7 +200,13 @@ class TrainingGraph:
     sharding_degree: int = 1
     gathered_param_bytes: int = 0
     shared_input_bytes: int = 0
+    shared_saved: bool = False
     head: HeadProfile | None = None
+    grads_resident: bool = True
+    head_grad_bytes: int = 0
+    other_grad_bytes: int = 0
+    optimizer_step_bytes: int = 0
+    optimizer_step_s: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -198,9 +215,32 @@ class TrainingGraph:
             raise ValueError(f"unit names must be unique, got {names}")
         if self.sharding_degree < 1:
             raise ValueError(f"sharding_degree must be >= 1, got {self.sharding_degree!r}")
-        for key in ("gathered_param_bytes", "shared_input_bytes"):
+        for key in ("gathered_param_bytes", "shared_input_bytes", "head_grad_bytes", "other_grad_bytes",
+                    "optimizer_step_bytes", "optimizer_step_s"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)!r}")
+
+    def grad_bytes_at(self, phase: str, unit: int = 0) -> int:
+        """Gradient bytes alive at the peak of a phase of the step: none in ``"forward"`` and ``"head"`` (the
+        turn), those of the head and of the units after it in ``"backward"`` of unit ``unit``, all of them in
+        ``"step"`` (the optimizer step). Resident gradients are there in every phase."""
+        if self.grads_resident or phase == "step":
+            return self.grad_bytes
+        if phase in ("forward", "head"):
+            return 0  # the head's gradients are made as its backward ends, after the turn's peak
+        produced = self.head_grad_bytes
+        if phase == "backward":
+            # A unit's own gradients are made as its backward ends (its weights' gradients come last in each
+            # op's backward, when most of its saved tensors are gone): they count from the next phase on.
+            produced += sum(u.param_grad_bytes for u in self.units[unit + 1:])
+        total = sum(u.param_grad_bytes for u in self.units) + self.head_grad_bytes + self.other_grad_bytes
+        # Sharded gradients (ZeRO-2/3, FSDP) in the same proportion as the unsharded ones.
+        return int(self.grad_bytes * min(1.0, produced / total)) if total else 0
+
+    @property
+    def states_without_grads_bytes(self) -> int:
+        """Parameters, optimizer states and gathered ZeRO-3 parameters: held the whole step."""
+        return self.param_bytes + self.optimizer_bytes + self.gathered_param_bytes
 
     @property
     def model_state_bytes(self) -> int:
@@ -265,7 +305,15 @@ class Plan:
         graph_meta (dict): the profiled graph's meta, so a plan names what it was made for.
         head_chunks (int, default 1): chunks of token rows the LM head's loss is computed over (1: the
             model's own head).
+        head_chunk_rows (int, default 0): rows per chunk when ``head_chunks > 1``.
+        world_size (int, default 1): ranks the plan was made for (``memopt.distributed``); applied at another
+            world size it raises, since its model states and budget are one rank's share at this one.
+        sharding (str, default "none"): how those ranks shard the model states, one of ``Plan.SHARDINGS``:
+            ``"none"`` (each rank holds them whole: one process, DDP), ``"zero1"``, ``"zero2"``, ``"zero3"``
+            (DeepSpeed ZeRO stages) or ``"fsdp"`` (``torch.distributed.fsdp.fully_shard``).
     """
+
+    SHARDINGS: ClassVar[tuple[str, ...]] = ("none", "zero1", "zero2", "zero3", "fsdp")
 
     decisions: list[Decision]
     budget_bytes: int
@@ -282,6 +330,9 @@ class Plan:
     layout: dict | None = None
     graph_meta: dict[str, Any] = field(default_factory=dict)
     head_chunks: int = 1
+    head_chunk_rows: int = 0
+    world_size: int = 1
+    sharding: str = "none"
 
     def decision(self, unit: str) -> Decision:
         for d in self.decisions:
@@ -304,6 +355,8 @@ class Plan:
         rows = [f"{'unit':<32} {'mode':<10} {'keep':>6} {'swap':>6} {'recomp':>6}"]
         for d in self.decisions:
             rows.append(f"{d.unit[-32:]:<32} {d.label:<10} {d.keep:>6.2f} {d.swap:>6.2f} {d.recompute:>6.2f}")
+        if self.head_chunks > 1:
+            rows.append(f"{'lm head + loss':<32} {'chunked':<10} {self.head_chunks} chunks of {self.head_chunk_rows} rows")
         resident = self.graph_meta.get("resident_bytes")
         known = isinstance(resident, int) and not isinstance(resident, bool) and resident >= 0
 
@@ -324,6 +377,10 @@ class Plan:
         rows.append(f"nothing saved   {split(self.baseline_peak_bytes)}")
         rows.append(f"predicted step  {self.predicted_step_s * 1e3:.2f} ms = {self.overhead:.3f}x nothing saved")
         rows.append(f"host memory     {format_bytes(self.host_bytes)}")
+        if self.world_size > 1 or self.sharding != "none":
+            held = ("each holding the model states whole" if self.sharding == "none"
+                    else f"model states sharded by {self.sharding}")
+            rows.append(f"ranks           {self.world_size}, {held}; budget and peaks are one rank's")
         rows.append(f"solver          {self.solver} {self.status}, gap {self.gap:.2%}, {self.solve_time_s:.2f} s")
         if self.layout:
             rows.append(f"buffer layout   {format_bytes(self.layout.get('arena_bytes', 0))},"
@@ -341,6 +398,12 @@ class Plan:
             raise ValueError(f"a plan has one Decision per unit, each unit once; got {names[:8]}")
         if isinstance(self.head_chunks, bool) or not isinstance(self.head_chunks, int) or self.head_chunks < 1:
             raise ValueError(f"plan head_chunks must be an int >= 1, got {self.head_chunks!r}")
+        if self.head_chunks > 1 and (not isinstance(self.head_chunk_rows, int) or self.head_chunk_rows < 1):
+            raise ValueError(f"a plan that chunks the head needs head_chunk_rows >= 1, got {self.head_chunk_rows!r}")
+        if isinstance(self.world_size, bool) or not isinstance(self.world_size, int) or self.world_size < 1:
+            raise ValueError(f"plan world_size must be an int >= 1 (ranks), got {self.world_size!r}")
+        if self.sharding not in self.SHARDINGS:
+            raise ValueError(f"plan sharding must be one of {self.SHARDINGS}, got {self.sharding!r}")
         for key in ("budget_bytes", "predicted_peak_bytes", "baseline_peak_bytes", "host_bytes"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -29,6 +29,10 @@ class Hardware:
         unified_memory (bool, default False): the host memory is the device memory (a CPU, Apple MPS), so a
             swapped byte still takes device memory: the planner never swaps there, and the simulator counts
             a swapped tensor's copy where the tensor was.
+        matmul_efficiency (float, default 1.0): share of ``peak_flops_per_s`` the matmuls of a training step
+            reach (the roofline model's time for them is divided by it).
+        attention_efficiency (float, default 1.0): share of ``peak_flops_per_s`` fused attention reaches.
+        memory_efficiency (float, default 1.0): share of ``mem_bytes_per_s`` memory-bound kernels reach.
     """
 
     name: str
@@ -40,8 +44,14 @@ class Hardware:
     mem_bytes_per_s: float
     async_copies: bool = True
     unified_memory: bool = False
+    matmul_efficiency: float = 1.0
+    attention_efficiency: float = 1.0
+    memory_efficiency: float = 1.0
 
     def __post_init__(self) -> None:
+        for key in ("matmul_efficiency", "attention_efficiency", "memory_efficiency"):
+            if not 0 < getattr(self, key) <= 1:
+                raise ValueError(f"Hardware.{key} must be in (0, 1], got {getattr(self, key)!r}")
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.name not in ("name", "async_copies", "unified_memory") and not (isinstance(value, (int, float)) and value > 0):
@@ -174,13 +184,27 @@ def _host_memory_bytes() -> int:
     return 16 * _GiB
 
 
+# Efficiencies of the GPU presets: the share of the preset's dense matmul rate (itself what a large square bf16
+# matmul reaches: 780 TFLOP/s measured on an H100 SXM with an 8192^3 matmul, about 79 % of its 989 TFLOP/s
+# datasheet peak) and of its memory bandwidth that a training step's kernels reach, from public benchmarks,
+# not fitted to any one run:
+# - matmul 0.85: the rectangular GEMMs of a transformer layer (tokens x hidden x 2.75 hidden and the like) run
+#   at 80-90 % of a square GEMM's rate in cuBLAS at these sizes;
+# - attention 0.7: PyTorch's scaled_dot_product_attention on Hopper dispatches to fused kernels (cuDNN's,
+#   FlashAttention's) that run causal attention at long sequences at 500-650 TFLOP/s forward and backward (the
+#   cuDNN and FlashAttention-3 published H100 comparisons), about 0.7 of the dense matmul rate; FlashAttention-2
+#   reaches a similar share of an A100's;
+# - memory 0.8: elementwise and reduction kernels (norms, activations, softmax, the optimizer's foreach ops)
+#   stream at 75-85 % of HBM bandwidth (the STREAM-like figures vendors publish for HBM3 and HBM2e).
+_GPU = dict(matmul_efficiency=0.85, attention_efficiency=0.7, memory_efficiency=0.8)
+
 _PRESETS = {
     # Pinned-copy bandwidths are what a single process sees, not the link's nominal figure.
-    "h100": Hardware("h100", 80 * _GiB, 512 * _GiB, 55e9, 55e9, 780e12, 3.0e12),
-    "h200": Hardware("h200", 141 * _GiB, 1024 * _GiB, 55e9, 55e9, 800e12, 4.4e12),
-    "a100-80g": Hardware("a100-80g", 80 * _GiB, 512 * _GiB, 24e9, 24e9, 280e12, 1.8e12),
-    "a100-40g": Hardware("a100-40g", 40 * _GiB, 256 * _GiB, 24e9, 24e9, 280e12, 1.4e12),
-    "l4": Hardware("l4", 24 * _GiB, 128 * _GiB, 12e9, 12e9, 110e12, 0.27e12),
-    "rtx4090": Hardware("rtx4090", 24 * _GiB, 64 * _GiB, 22e9, 22e9, 150e12, 0.9e12),
+    "h100": Hardware("h100", 80 * _GiB, 512 * _GiB, 55e9, 55e9, 780e12, 3.0e12, **_GPU),
+    "h200": Hardware("h200", 141 * _GiB, 1024 * _GiB, 55e9, 55e9, 800e12, 4.4e12, **_GPU),
+    "a100-80g": Hardware("a100-80g", 80 * _GiB, 512 * _GiB, 24e9, 24e9, 280e12, 1.8e12, **_GPU),
+    "a100-40g": Hardware("a100-40g", 40 * _GiB, 256 * _GiB, 24e9, 24e9, 280e12, 1.4e12, **_GPU),
+    "l4": Hardware("l4", 24 * _GiB, 128 * _GiB, 12e9, 12e9, 110e12, 0.27e12, **_GPU),
+    "rtx4090": Hardware("rtx4090", 24 * _GiB, 64 * _GiB, 22e9, 22e9, 150e12, 0.9e12, **_GPU),
     "cpu": Hardware("cpu", 16 * _GiB, 16 * _GiB, 10e9, 10e9, 0.2e12, 20e9, async_copies=False, unified_memory=True),
 }

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -29,9 +30,12 @@ from .blocks import call_name, select_units, split_name
 from .config import MemoptConfig
 from .graph import Mode, TrainingGraph, Unit
 from .hardware import Hardware
+from .head_profile import HeadCapture, profile_head
 from .meter import MemoryMeter
+from .model_states import live_model_states
 from .runtime.caches import copy_caches
 from .runtime.engine import UnitPolicy, row_input_shape
+from .runtime.head import HeadChunking, find_head
 from .runtime.hooks import Runtime
 from .runtime.selective import is_expensive
 
@@ -87,15 +91,20 @@ class _UnitRecord:
     backward_start_s: float = 0.0
     expensive_bytes: int = 0
     expensive_s: float = 0.0
+    # On CUDA, the device seconds of the unit's replay and of the expensive ops within it: both warm (the
+    # forward ran the kernels first) and read from events, where the forward's own are cold (first launches).
+    replay_s: float | None = None
+    replay_expensive_s: float = 0.0
     order: int | None = None  # place of the unit's first call among the step's unit calls
 
 
 class _ExpensiveOps(TorchDispatchMode):
     """Bytes and seconds of a unit's expensive ops (what a selective recompute keeps and skips)."""
 
-    def __init__(self, record: _UnitRecord, clock, sync, device_events: bool = False) -> None:
+    def __init__(self, record: _UnitRecord, clock, sync, device_events: bool = False, replay: bool = False) -> None:
         super().__init__()
         self.record, self.clock, self.sync = record, clock, sync
+        self.replay = replay  # times go to ``replay_expensive_s``, bytes are the forward's
         self.seen = StorageMap()
         # On CUDA each op is timed by events around it, read when the unit's forward ends: a synchronisation
         # per op would time launches and stall the queue the op's neighbours run in.
@@ -108,6 +117,8 @@ class _ExpensiveOps(TorchDispatchMode):
             start = _timing_event()
             out = func(*args, **(kwargs or {}))
             self.events.append((start, _timing_event()))
+            if self.replay:
+                return out
         else:
             self.sync()
             start = self.clock()
@@ -126,7 +137,11 @@ class _ExpensiveOps(TorchDispatchMode):
     def __exit__(self, *exc):
         out = super().__exit__(*exc)
         if self.events:
-            self.record.expensive_s += sum(_elapsed_s(start, end) for start, end in self.events)
+            seconds = sum(_elapsed_s(start, end) for start, end in self.events)
+            if self.replay:
+                self.record.replay_expensive_s += seconds
+            else:
+                self.record.expensive_s += seconds
             self.events.clear()
         return out
 
@@ -164,6 +179,7 @@ class _Recorder:
         self.calls = 0  # unit forwards so far: a record's ``order`` is its first call's place among them
         self.input_owner: dict[int, tuple[int, int, bool]] = {}  # input storage -> (first unit, bytes, made by the step)
         self.shared_inputs: set[int] = set()
+        self.shared_saved = False  # a unit saves a shared input: it is held until that unit's backward
         self.shared_input_bytes = 0
         self.runtime: Runtime | None = None
         self.forward_t0 = 0.0
@@ -227,6 +243,15 @@ class _Recorder:
         rec.expensive_bytes, rec.expensive_s = 0, 0.0
         return _ExpensiveOps(rec, self.clock, self.sync, self.device_events)
 
+    def replay_context(self, index: int):
+        """Around a unit's replay in backward: on CUDA its expensive ops are timed by events (warm, unlike the
+        forward's), so a selective recompute's seconds are the replay's less theirs."""
+        if self.timing_only or not self.device_events:
+            return contextlib.nullcontext()
+        rec = self.records[index]
+        rec.replay_expensive_s = 0.0
+        return _ExpensiveOps(rec, self.clock, self.sync, device_events=True, replay=True)
+
     def after_forward(self, index, args, kwargs, out, forward) -> None:
         self.sync()
         rec = self.records[index]
@@ -248,6 +273,8 @@ class _Recorder:
         x = args[0] if len(args) == 1 else None
         if (not isinstance(x, torch.Tensor) or x.dim() < 2 or not isinstance(out, torch.Tensor)
                 or any(isinstance(leaf, torch.Tensor) for leaf in tree_leaves(kwargs))):
+            return None
+        if isinstance(out, FakeTensor):  # a trace without data cannot compare rows: not known separable
             return None
         rows = x.numel() // max(x.shape[-1], 1)
         step = self.config.row_multiple
@@ -297,6 +324,8 @@ class _Recorder:
         elif self.backward_event is not None:
             # The replay runs first in the unit's backward: the device time since that began is the replay's.
             seconds = _elapsed_s(self.backward_event, _timing_event())
+            if not self.timing_only:
+                rec.replay_s = seconds
         rec.recompute_s += seconds
         rec.forward_s.append(seconds)
         rec.recompute_peak_live = self.meter.window_peak_bytes
@@ -313,7 +342,11 @@ class _Recorder:
             # A tensor off the device (flash attention's CPU seed and offset) takes no device memory, and the
             # runtime keeps it where it is.
             rec.tensor_bytes.append(tensor.untyped_storage().nbytes() if tensor.device == self.device else 0)
-            rec.outside.append(not self.meter.tracks(tensor))
+            # A tensor passed to several units (rotary tables, a mask) is held once, as a shared input: in a
+            # unit's saved set it frees or costs nothing, like one the step did not allocate.
+            shared = key in self.shared_inputs
+            self.shared_saved = self.shared_saved or shared
+            rec.outside.append(shared or not self.meter.tracks(tensor))
             rec.shapes.append(tuple(tensor.shape))
 
     def close_backward(self, now: float) -> None:
@@ -384,24 +417,9 @@ def _token_dims(full: list[tuple[int, ...]], probe, rows: int) -> list[int | Non
     return dims
 
 
-def _param_bytes(model: nn.Module) -> tuple[int, int]:
-    seen: set[int] = set()
-    total = trainable = 0
-    for p in model.parameters():
-        key = p.untyped_storage()._cdata
-        if key in seen:
-            continue
-        seen.add(key)
-        nbytes = p.untyped_storage().nbytes()
-        total += nbytes
-        if p.requires_grad:
-            trainable += nbytes
-    return total, trainable
-
-
 def profile_model(model: nn.Module, sample, config: MemoptConfig | None = None,
                   hardware: Hardware | None = None, clock: Callable[[], float] | None = None, *,
-                  timing_only: bool = False) -> TrainingGraph:
+                  timing_only: bool = False, optimizer=None) -> TrainingGraph:
     """Profile one training step of ``model`` on ``sample`` in safe mode.
 
     Args:
@@ -415,6 +433,8 @@ def profile_model(model: nn.Module, sample, config: MemoptConfig | None = None,
             recorder and the separability probe, whose Python work per op would inflate every time; the
             graph's bytes are then meaningless (``memopt.timing.robust_times`` takes them from a full
             profile).
+        optimizer (torch.optim.Optimizer | None, default None): the optimizer that trains the model: its
+            states are read from it (``memopt.model_states``); None counts ``config.optimizer``'s.
 
     Returns:
         TrainingGraph: the measured step.
@@ -453,7 +473,16 @@ def profile_model(model: nn.Module, sample, config: MemoptConfig | None = None,
 
     recorder.runtime = runtime
     runtime.recorder = recorder
+    capture, chunking, head_note = _arm_head(model, config, meter, timing_only)
+    calls_of: dict[int, list[int]] = {}  # module id -> unit calls begun at each of its calls
+
+    def note_call(module, _args):
+        calls_of.setdefault(id(module), []).append(recorder.calls)
+
+    watch = torch.nn.modules.module.register_module_forward_pre_hook(note_call)
     runtime.install()
+    if chunking is not None:
+        chunking.install()
     try:
         with meter if not timing_only else contextlib.nullcontext(), \
                 torch.autograd.graph.saved_tensors_hooks(pack_outside, lambda t: t):
@@ -475,7 +504,10 @@ def profile_model(model: nn.Module, sample, config: MemoptConfig | None = None,
             recorder.close_backward(t_end)
             del loss
     finally:
+        watch.remove()
         units = list(runtime.units)
+        if chunking is not None:
+            chunking.remove()
         runtime.remove()
         runtime.close()
         for p in params:
@@ -491,6 +523,13 @@ def profile_model(model: nn.Module, sample, config: MemoptConfig | None = None,
     # stays allocated through every step: it counts as fixed bytes. 0 on CPU.
     allocated_after = _device_allocated_bytes(device)
     device_workspace = max(0, allocated_after - allocated_before) if allocated_before is not None else 0
+    head = None
+    if capture is not None and capture.call is not None:
+        head = profile_head(capture, config.row_multiple, recorder.clock, recorder.sync)
+    elif chunking is not None:
+        head_note = (chunking.notes[0] if chunking.notes else
+                     "the step's loss never took the logits through F.cross_entropy")
+    del capture
 
     units = _in_call_order(recorder, units)
     names = [name for name, _ in units]
@@ -522,27 +561,68 @@ def profile_model(model: nn.Module, sample, config: MemoptConfig | None = None,
             checkpoint_workspace_bytes=ckpt_ws,
             param_grad_bytes=grad_bytes,
             selective_bytes=rec.expensive_bytes,
-            selective_s=max(0.0, min(rec.forward_s) - rec.expensive_s) if rec.forward_s and rec.expensive_bytes else 0.0,
+            selective_s=_selective_s(rec),
         ))
-    total_params, trainable = _param_bytes(model)
+    unit_modules = [module for _, module in units]
+    inside = {id(m) for unit in unit_modules for m in unit.modules()}
+    # The parameters used only after every unit began (final norm, an untied LM head): their gradients come
+    # first in backward. A parameter used before the units too (a tied embedding) gets its gradient only when
+    # backward reaches that first use; until then the head's part waits in autograd's buffer, which the
+    # profiled windows already saw.
+    after = {id(p) for m in model.modules() if id(m) not in inside and calls_of.get(id(m))
+             and min(calls_of[id(m)]) == recorder.calls for p in m.parameters(recurse=False)}
+    before = {id(p) for m in model.modules() if id(m) not in inside and calls_of.get(id(m))
+              and min(calls_of[id(m)]) < recorder.calls for p in m.parameters(recurse=False)}
+    head_side = after - before
+    states = live_model_states(model, config, optimizer, unit_modules, head_side)
     unit_forward = sum(r.forward_s[0] for r in recorder.records if r.forward_s)
     unit_backward = sum(u.backward_s + r.recompute_s for u, r in zip(graph_units, recorder.records))
     first_backward = recorder.first_backward_s or t_forward_end
     return TrainingGraph(
         units=graph_units,
         hardware=hardware,
-        param_bytes=total_params,
-        grad_bytes=trainable,
-        optimizer_bytes=int(trainable * config.optimizer_states_per_param),
+        param_bytes=states.param_bytes,
+        grad_bytes=states.grad_bytes,
+        optimizer_bytes=states.optimizer_bytes,
+        grads_resident=config.grad_accumulation,
+        head_grad_bytes=states.head_grad_bytes,
+        other_grad_bytes=states.other_grad_bytes,
+        optimizer_step_bytes=states.optimizer_step_bytes,
+        optimizer_step_s=states.optimizer_traffic_bytes / hardware.mem_bytes_per_s,
         fixed_activation_bytes=fixed + device_workspace,
         head_workspace_bytes=head_workspace,
         shared_input_bytes=recorder.shared_input_bytes,
+        shared_saved=recorder.shared_saved,
+        head=head,
         other_forward_s=max(0.0, (t_forward_end - t0) - unit_forward),
         other_backward_s=max(0.0, (t_end - t_forward_end) - unit_backward),
         meta={"model": type(model).__name__, "profiled": "live", "device": str(device),
               "sample": _describe(sample), "peak_activation_bytes_safe_mode": meter.peak_bytes,
-              "first_backward_s": first_backward - t0, "device_workspace_bytes": device_workspace},
+              "first_backward_s": first_backward - t0, "device_workspace_bytes": device_workspace,
+              "model_states_convention": states.convention,
+              **({"head_note": f"the LM head is not chunked: {head_note}"} if head_note else {})},
     )
+
+
+def _arm_head(model: nn.Module, config: MemoptConfig, meter: MemoryMeter, timing_only: bool):
+    """The head capture and its arming for a full profiled step: (capture, chunking, note why not)."""
+    if timing_only or config.head == "off":
+        return None, None, ""
+    head, reason = find_head(model)
+    if head is None:
+        return None, None, reason
+    capture = HeadCapture(meter)
+    return capture, HeadChunking(model, chunk_rows=1 << 62, on_loss=capture), ""
+
+
+def _selective_s(rec: _UnitRecord) -> float:
+    """Seconds of a unit's cheap ops, which a selective recompute reruns: its fastest forward less its expensive
+    ops' seconds; on CUDA, its replay's device seconds less those of the expensive ops in it (warm, both)."""
+    if not rec.forward_s or not rec.expensive_bytes:
+        return 0.0
+    if rec.replay_s is not None:
+        return max(0.0, rec.replay_s - rec.replay_expensive_s)
+    return max(0.0, min(rec.forward_s) - rec.expensive_s)
 
 
 def _device_allocated_bytes(device: torch.device, clear_workspaces: bool = False) -> int | None:
@@ -552,12 +632,14 @@ def _device_allocated_bytes(device: torch.device, clear_workspaces: bool = False
     counts; tests/test_profiler_cuda.py and test_runtime_cuda.py::test_cuda_peak_within_budget check them on a GPU.)"""
     if device.type != "cuda":
         return None
+    from memopt.pools.cuda import memory_allocated  # torch's raises under an installed memopt arena
+
     torch.cuda.synchronize(device)
     if clear_workspaces:
         clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
         if clear is not None:
             clear()
-    return torch.cuda.memory_allocated(device)
+    return memory_allocated(device)
 
 
 def _in_call_order(recorder: _Recorder, units: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:

@@ -170,7 +170,7 @@ def breakdown(graph: TrainingGraph) -> list[tuple[str, int, str]]:
     unit_saved = sum(u.saved_bytes for u in graph.units)
     workspace = max([max(u.forward_workspace_bytes, u.backward_workspace_bytes) for u in graph.units] or [0])
     return [
-        ("parameters", graph.param_bytes, f"{dtype} {count}".strip()),
+        *_parameter_rows(graph, f"{dtype} {count}".strip()),
         ("gradients", graph.grad_bytes, dtype or "as profiled"),
         ("optimizer state", graph.optimizer_bytes, meta.get("model_states_convention", "as profiled")),
         *([("gathered parameters", graph.gathered_param_bytes,
@@ -180,6 +180,23 @@ def breakdown(graph: TrainingGraph) -> list[tuple[str, int, str]]:
         ("logits / loss", graph.head_workspace_bytes, "peak where forward turns to backward: logits, loss, gradients"),
         ("workspace", workspace, "largest transient of one unit beyond what it saves"),
     ]
+
+
+def _parameter_rows(graph: TrainingGraph, trainable: str) -> list[tuple[str, int, str]]:
+    """Parameters as one row, or, for LoRA and QLoRA (not sharded by ZeRO-3), the trainable adapters, the
+    frozen weights as built and the 4-bit base apart."""
+    meta = graph.meta
+    frozen = meta.get("frozen_param_bytes") or 0
+    if not frozen or meta.get("zero_stage") == 3:
+        return [("parameters", graph.param_bytes, trainable)]
+    nf4 = meta.get("nf4_base_bytes") or 0
+    what = "QST side network" if meta.get("qst") else f"LoRA rank {meta.get('lora_rank')}"
+    rows = [("parameters", graph.param_bytes - frozen, f"{trainable}, trainable ({what})")]
+    if frozen - nf4:
+        rows.append(("frozen weights", frozen - nf4, "as built: no gradient, no optimizer state"))
+    if nf4:
+        rows.append(("4-bit base", nf4, "NF4 with double quantisation, as bitsandbytes stores it"))
+    return rows
 
 
 def render_breakdown(graph: TrainingGraph, request: dict[str, Any] | None = None) -> str:
@@ -224,6 +241,23 @@ def _comparison(report: PlanReport) -> list[tuple[str, Plan | None, int, float, 
     return rows
 
 
+def _head_row(report: PlanReport) -> str:
+    """The LM head and its loss as a row: chunked or not, and their bytes at the turn before and after."""
+    plan, graph = report.plan, report.graph
+    head = graph.head
+    if head is None:
+        note = graph.meta.get("head_note") or "the head was not profiled for chunking"
+        return f"  {'lm head + loss':<28} {'whole':<10} {note}"
+    before = graph.head_workspace_bytes
+    if plan.head_chunks == 1:
+        return (f"  {'lm head + loss':<28} {'whole':<10} {format_bytes(before):>11} at the turn (fits unchunked; "
+                f"{len(head.options) - 1} chunkings profiled)")
+    after = before + head.option(plan.head_chunks).workspace_bytes - head.options[0].workspace_bytes
+    exact = "weight gradient within float rounding" if head.trained else "bitwise (frozen head)"
+    return (f"  {'lm head + loss':<28} {'chunked':<10} {format_bytes(before):>11} -> {format_bytes(after)} at the "
+            f"turn: {plan.head_chunks} chunks of {plan.head_chunk_rows} rows, {exact}")
+
+
 def _unit_rows(report: PlanReport) -> list[tuple[str, str, int, float, float, float]]:
     from .planners.simulator import unit_amounts
 
@@ -266,6 +300,7 @@ def render_text(report: PlanReport) -> str:
     for name, mode, saved, kept, swapped, recompute in _unit_rows(report):
         lines.append(f"  {name[-28:]:<28} {mode:<10} {format_bytes(saved):>11} {format_bytes(kept):>11} "
                      f"{format_bytes(swapped):>11} {recompute:>9.0%}")
+    lines.append(_head_row(report))
     lines += ["", f"  {'':<30} {'peak':>11} {'step':>11} {'x no saving':>11} {'host':>11}"]
     base_step = report.baselines["none"].predicted_step_s
     for name, _, peak, step_s, host in _comparison(report):

@@ -52,16 +52,20 @@ class Roofline:
         if not 0 < self.fp32_matmul_fraction <= 1:
             raise ValueError(f"fp32_matmul_fraction must be in (0, 1], got {self.fp32_matmul_fraction!r}; e.g. 0.5")
 
-    def seconds(self, flops: float, bytes_moved: float, fp32: bool = False) -> float:
-        """Roofline time of one kernel.
+    def seconds(self, flops: float, bytes_moved: float, fp32: bool = False, attention: bool = False) -> float:
+        """Roofline time of one kernel, at the shares of the peaks such kernels reach (``Hardware``'s
+        ``matmul_efficiency``, ``attention_efficiency`` and ``memory_efficiency``).
 
         Args:
             flops (float): floating-point operations the kernel does.
             bytes_moved (float): bytes it reads and writes in device memory.
             fp32 (bool, default False): the arithmetic runs in float32 (slower matmul peak).
+            attention (bool, default False): a fused attention kernel.
         """
-        peak = self.hardware.peak_flops_per_s * (self.fp32_matmul_fraction if fp32 else 1.0)
-        return max(flops / peak, bytes_moved / self.hardware.mem_bytes_per_s, self.kernel_floor_s)
+        hw = self.hardware
+        efficiency = hw.attention_efficiency if attention else hw.matmul_efficiency
+        peak = hw.peak_flops_per_s * efficiency * (self.fp32_matmul_fraction if fp32 else 1.0)
+        return max(flops / peak, bytes_moved / (hw.mem_bytes_per_s * hw.memory_efficiency), self.kernel_floor_s)
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> int:
@@ -149,7 +153,8 @@ class RooflineMode(TorchDispatchMode):
         nbytes = op_bytes(args, kwargs, out)
         first = next((t for t in tree_leaves(args) if isinstance(t, torch.Tensor)), None)
         fp32 = first is not None and first.dtype == torch.float32
-        self.elapsed_s += self.roofline.seconds(flops, nbytes, fp32)
+        attention = func._schema.name.startswith("aten::_scaled_dot_product") or "attention" in func._schema.name
+        self.elapsed_s += self.roofline.seconds(flops, nbytes, fp32, attention)
         self.flops += flops
         self.bytes_moved += nbytes
         self.kernels += 1

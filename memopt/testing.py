@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 __all__ = ["HF_FAMILIES", "TinyConvNet", "TinyGPT", "TinyMLP", "hf_causal_lm", "hf_sample", "max_difference", "metered_loop",
-           "snapshot", "train"]
+           "metered_step", "snapshot", "train"]
 
 
 class TinyMLP(nn.Module):
@@ -102,6 +104,12 @@ HF_FAMILIES = {
                                        num_attention_heads=4, vocab_size=256, max_position_embeddings=512)),
     "opt": ("OPTConfig", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
                               vocab_size=256, max_position_embeddings=512, word_embed_proj_dim=64)),
+    # Tied embeddings scaled by sqrt(hidden); Gemma-2 adds soft-capped logits (divide, tanh, multiply).
+    "gemma": ("GemmaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=512)),
+    "gemma2": ("Gemma2Config", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=512,
+                                    sliding_window=128)),
 }
 
 
@@ -162,6 +170,33 @@ def metered_loop(model: nn.Module, batches: list[dict], lr: float = 1e-3) -> tup
         opt.step()
         opt.zero_grad()
     return snapshot(model), peak
+
+
+def metered_step(model: nn.Module, batch, config=None, optimizer_step: bool = True) -> int:
+    """Peak bytes one training step allocates, as a loop with ``zero_grad()`` (gradients freed between steps)
+    and AdamW allocates them in its steady state: activations, their gradients and temporaries, the parameters'
+    gradients as backward makes them, and (``optimizer_step``) the optimizer step's own temporaries. AdamW runs
+    at lr 0 (the parameters do not change) and takes one step first, unmetered, to make its states, which a
+    plan counts as held the whole step. What a plan predicts is
+    ``plan.predicted_peak_bytes - graph.states_without_grads_bytes``."""
+    from .config import MemoptConfig
+    from .meter import MemoryMeter
+    from .profiler import compute_loss, run_model
+
+    config = config or MemoptConfig()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=0.0, weight_decay=0.0) if optimizer_step else None
+    meter = MemoryMeter()
+    for metered in ((False, True) if opt is not None else (True,)):
+        for p in model.parameters():
+            p.grad = None
+        with meter if metered else contextlib.nullcontext():
+            compute_loss(run_model(model, batch), batch, config).backward()
+            if opt is not None:
+                opt.step()
+    for p in model.parameters():
+        p.grad = None
+    return meter.peak_bytes
 
 
 def snapshot(model: nn.Module) -> list[torch.Tensor]:

@@ -168,7 +168,7 @@ def solve(graph: TrainingGraph, budget_bytes: int, options: PlannerOptions | Non
                    baseline_step_s=baseline.step_s, baseline_peak_bytes=baseline.peak_bytes,
                    host_bytes=result.host_peak_bytes, solver="mip", status=status, gap=gap,
                    solve_time_s=0.0, graph_meta={**graph.meta, "resident_bytes": graph.resident_bytes},
-                   head_chunks=head)
+                   head_chunks=head, head_chunk_rows=graph.head.option(head).chunk_rows if head > 1 else 0)
         out.layout = layout_for_plan(graph, out, lookahead=lookahead)
         out.solve_time_s = time.perf_counter() - started
         return out

@@ -25,7 +25,7 @@ from memopt.graph import Decision, TrainingGraph
 from ._cbc import cbc_solver
 from ._choices import UnitChoices
 from .options import PlannerOptions
-from .simulator import assembly_bytes, replay_bytes, simulate
+from .simulator import assembly_bytes, models_optimizer_step, replay_bytes, simulate
 from .simulator import head_change as _head_change
 
 __all__ = ["Outcome", "run_mip"]
@@ -173,7 +173,11 @@ def _add_memory(prob: Any, graph: TrainingGraph, terms: list[_UnitTerms], head: 
     n = len(units)
     is_async = graph.hardware.async_copies
     swapped = [t.swapped for t in terms]
-    const = (graph.resident_bytes + graph.fixed_activation_bytes) / mem_scale
+    held = graph.states_without_grads_bytes + graph.fixed_activation_bytes
+
+    def const(phase: str, unit: int = 0) -> float:
+        """Model states (gradients as they exist in the phase) and the activations saved outside the units."""
+        return (held + graph.grad_bytes_at(phase, unit)) / mem_scale
     # held_before[u] = bytes held by the units before u; one variable each keeps the program linear in size.
     held_before: list[Any] = [0.0]
     for u in range(n):
@@ -183,8 +187,8 @@ def _add_memory(prob: Any, graph: TrainingGraph, terms: list[_UnitTerms], head: 
     # Tensors passed to several units: held through the forward, and after it once any unit drops its
     # forward (whole or selective recompute), whose recompute holds them (``holds_shared``: 1 then).
     shared = graph.shared_input_bytes / mem_scale
-    shared_after: Any = 0.0
-    if shared:
+    shared_after: Any = shared if graph.shared_saved else 0.0
+    if shared and not graph.shared_saved:
         holds = prob.add_variable("holds_shared", 0, 1)
         for u, t in enumerate(terms):
             if not isinstance(t.drops, (int, float)):
@@ -201,13 +205,17 @@ def _add_memory(prob: Any, graph: TrainingGraph, terms: list[_UnitTerms], head: 
 
     for u, unit in enumerate(units):
         inflight = swapped[u - 1] if is_async and u else 0.0
-        limit(const + shared + held_before[u] + inflight + terms[u].working, f"mem_F_{u}")
+        limit(const("forward") + shared + held_before[u] + inflight + terms[u].working, f"mem_F_{u}")
         prefetch = pulp.lpSum(swapped[max(0, u - lookahead):u]) if is_async and u else 0.0
-        limit(const + shared_after + held_before[u] + (unit.saved_bytes + unit.backward_workspace_bytes) / mem_scale
-              + prefetch + terms[u].backward_extra, f"mem_B_{u}")
+        limit(const("backward", u) + shared_after + held_before[u]
+              + (unit.saved_bytes + unit.backward_workspace_bytes) / mem_scale + prefetch + terms[u].backward_extra,
+              f"mem_B_{u}")
     last_swap = swapped[n - 1] if is_async and n else 0.0
-    limit(const + shared_after + held_before[n] + last_swap + graph.head_workspace_bytes / mem_scale + head.extra_bytes,
-          "mem_T")
+    limit(const("head") + shared_after + held_before[n] + last_swap + graph.head_workspace_bytes / mem_scale
+          + head.extra_bytes, "mem_T")
+    if models_optimizer_step(graph):
+        limit((graph.states_without_grads_bytes + graph.grad_bytes_at("step") + graph.optimizer_step_bytes) / mem_scale,
+              "mem_step")
     return fits
 
 
@@ -229,7 +237,8 @@ def _add_time(prob: Any, graph: TrainingGraph, terms: list[_UnitTerms], head_ter
     step = prob.add_variable("step", 0)
     if not hw.async_copies:
         # Synchronous copies add to compute; nothing overlaps.
-        prob += step >= (sum(fwd) + head + sum(bwd) + (d2h + h2d) * pulp.lpSum(swapped)
+        optimizer = graph.optimizer_step_s / time_scale if models_optimizer_step(graph) else 0.0
+        prob += step >= (sum(fwd) + head + sum(bwd) + (d2h + h2d) * pulp.lpSum(swapped) + optimizer
                          + pulp.lpSum(r * f for r, f in zip(recompute, fwd))), "t_step"
         return step
     # Every event >= each predecessor's end: minimising the last end gives the earliest-start schedule.
@@ -257,7 +266,8 @@ def _add_time(prob: Any, graph: TrainingGraph, terms: list[_UnitTerms], head_ter
         prev_end = bs[u + 1] + recompute[u + 1] * fwd[u + 1] + bwd[u + 1] if u < n - 1 else backward_start
         prob += bs[u] >= prev_end, f"t_bwd_{u}"
         prob += bs[u] >= he[u], f"t_bwd_wait_{u}"
-    prob += step >= (bs[0] + recompute[0] * fwd[0] + bwd[0] if n else backward_start), "t_step"
+    optimizer = graph.optimizer_step_s / time_scale if models_optimizer_step(graph) else 0.0
+    prob += step >= (bs[0] + recompute[0] * fwd[0] + bwd[0] if n else backward_start) + optimizer, "t_step"
     return step
 
 

@@ -28,6 +28,12 @@ of the ``lookahead`` units before u being copied back. ``shared`` (tensors passe
 as an attention mask) is held through the forward, and through the turnaround and backward too when a
 unit is recomputed wholly or selectively (conservatively, to the end: its recompute holds them).
 
+Model states. Parameters, optimizer states and gathered ZeRO-3 parameters are held the whole step; gradients
+too when ``grads_resident`` (gradient accumulation), else they appear as backward makes them
+(``TrainingGraph.grad_bytes_at``): none in the forward and at the turn, the head's and each unit's from the
+backward after theirs on (each is made as its backward ends, past the peak of that phase). A graph that models it ends with the optimizer step: every gradient, the states and the step's
+temporaries (``optimizer_step_bytes``), no activations, for ``optimizer_step_s``.
+
 Time. With asynchronous copies there are three streams. Compute runs the forwards, the head
 (``other_forward_s + other_backward_s``), then the backwards from the last unit down, each taking
 ``r*forward_s + backward_s``. The D2H copy of u starts when u's forward ends and must be done by the end
@@ -45,8 +51,8 @@ from dataclasses import dataclass, field
 
 from memopt.graph import Decision, Mode, TrainingGraph, Unit
 
-__all__ = ["CATEGORIES", "SimResult", "UnitAmounts", "assembly_bytes", "head_change", "replay_bytes", "simulate",
-           "simulate_amounts", "unit_amounts"]
+__all__ = ["CATEGORIES", "SimResult", "UnitAmounts", "assembly_bytes", "head_change", "models_optimizer_step",
+           "replay_bytes", "simulate", "simulate_amounts", "unit_amounts"]
 
 #: Memory categories of a timeline point, in stacking order for a plot.
 CATEGORIES = ("model states", "fixed", "kept", "recompute input", "swap in flight", "unit working set", "workspace")
@@ -278,7 +284,7 @@ def _memory(graph: TrainingGraph, amounts: Sequence[UnitAmounts], lookahead: int
     unified = graph.hardware.unified_memory  # a swapped copy takes the same memory: held like a kept tensor
     # Tensors passed to several units live through the forward, and on while a recompute needs them.
     shared = float(graph.shared_input_bytes)
-    shared_after = shared if any(a.drops_forward for a in amounts) else 0.0
+    shared_after = shared if graph.shared_saved or any(a.drops_forward for a in amounts) else 0.0
     swapped = [a.swapped_bytes for a in amounts]
     points: list[tuple[str, dict[str, float]]] = []
     kept_sum = 0.0  # kept bytes of units before u
@@ -308,10 +314,24 @@ def _memory(graph: TrainingGraph, amounts: Sequence[UnitAmounts], lookahead: int
             "workspace": float(unit.backward_workspace_bytes) + (assembly_bytes(unit) if a.row_assembly else 0.0)
             + (replay_bytes(unit) if a.recompute > 0 else 0.0),
         }))
-    for _, cats in points:
-        cats["model states"] = float(graph.resident_bytes)
+    held = float(graph.states_without_grads_bytes)
+    grads = ([graph.grad_bytes_at("forward")] * n + [graph.grad_bytes_at("head")]
+             + [graph.grad_bytes_at("backward", u) for u in range(n - 1, -1, -1)])
+    for (_, cats), grad in zip(points, grads):
+        cats["model states"] = held + grad
         cats["fixed"] = float(graph.fixed_activation_bytes)
+    if models_optimizer_step(graph):
+        # Activations are gone; every gradient, the states and the step's own temporaries are here.
+        points.append(("optimizer step", {
+            "model states": held + graph.grad_bytes_at("step"), "fixed": 0.0, "kept": 0.0, "recompute input": 0.0,
+            "swap in flight": 0.0, "unit working set": 0.0, "workspace": float(graph.optimizer_step_bytes),
+        }))
     return points
+
+
+def models_optimizer_step(graph: TrainingGraph) -> bool:
+    """Whether the graph says what the optimizer step holds and takes (profiles made since it does)."""
+    return not graph.grads_resident or graph.optimizer_step_bytes > 0 or graph.optimizer_step_s > 0
 
 
 @dataclass(frozen=True)
@@ -340,6 +360,9 @@ def _schedule(graph: TrainingGraph, amounts: Sequence[UnitAmounts], lookahead: i
         for u in range(n - 1, -1, -1):
             starts.append(clock)
             clock += h2d_s[u] + amounts[u].recompute * units[u].forward_s + units[u].backward_s
+        if models_optimizer_step(graph):
+            starts.append(clock)
+            clock += graph.optimizer_step_s
         return _Schedule(starts, clock, sum(d2h_s) + sum(h2d_s))
     stall = 0.0
     d2h_end = [0.0] * n
@@ -366,4 +389,7 @@ def _schedule(graph: TrainingGraph, amounts: Sequence[UnitAmounts], lookahead: i
         block_start[u] = start
         starts.append(start)
         clock = start + amounts[u].recompute * units[u].forward_s + units[u].backward_s
+    if models_optimizer_step(graph):
+        starts.append(clock)
+        clock += graph.optimizer_step_s
     return _Schedule(starts, clock, stall)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -13,6 +15,16 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def deterministic():
+    """Deterministic algorithms for bitwise comparisons; strict (errors, not warnings) when
+    ``CUBLAS_WORKSPACE_CONFIG`` is set as torch requires for it (bench/gpu_session.py sets ``:4096:8``)."""
+    strict = os.environ.get("CUBLAS_WORKSPACE_CONFIG") in (":4096:8", ":16:8")
+    torch.use_deterministic_algorithms(True, warn_only=not strict)
+    yield
+    torch.use_deterministic_algorithms(False)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -27,20 +27,21 @@ def test_gpu_session_tiny_runs_end_to_end_and_fills_its_folder(tmp_path):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     names = [phase["name"] for phase in summary["phases"]]
-    assert names == ["pytest_cuda", "pytest_cuda_pools", "train_gpu"]
+    # The replay and memory runs need CUDA; without it the tiny benchmark runs alone.
+    assert names == ["pytest_cuda", "pytest_cuda_pools", "train_gpu_tiny"]
     assert all(phase["rc"] == 0 for phase in summary["phases"])
     tests = summary["phases"][0]
     assert tests["tests"] > 0 and tests["failures"] == tests["errors"] == 0
     if not torch.cuda.is_available():
         assert tests["skipped"] == tests["tests"]
-    rows = json.loads((out / "bench" / "train_gpu.json").read_text())
+    rows = json.loads((out / "train_gpu_tiny" / "train_gpu.json").read_text())
     assert [row["method"] for row in rows] == ["none", "hf-ckpt", "memopt-match", "memopt-50"]
     assert all("error" not in row and row["step_s"] > 0 for row in rows), rows
-    assert (out / "bench" / "trace_memopt-match.json.gz").stat().st_size > 0
-    assert (out / "bench" / "plan_memopt-match.json").exists() and (out / "bench" / "train_gpu.csv").exists()
+    assert (out / "train_gpu_tiny" / "trace_memopt-match.json.gz").stat().st_size > 0
+    assert (out / "train_gpu_tiny" / "plan_memopt-match.json").exists() and (out / "train_gpu_tiny" / "train_gpu.csv").exists()
     assert json.loads((out / "env.json").read_text())["torch"] == torch.__version__
     log = (out / "session.log").read_text()
-    assert "train_gpu: exit 0" in log and "gpu_session" in result.stdout
+    assert "train_gpu_tiny: exit 0" in log and "gpu_session" in result.stdout
 
 
 def test_gpu_session_refuses_to_measure_without_a_gpu(tmp_path, monkeypatch):
@@ -84,3 +85,27 @@ def test_train_gpu_resets_peaks_after_profiling(monkeypatch):
     calls.clear()
     train_gpu.optimize_then_reset_peaks(None, {}, 0.5, torch.device("cpu"))
     assert calls == ["optimize"]
+
+
+def test_gpu_results_files_a_session_with_its_own_device(tmp_path, monkeypatch):
+    import gpu_results
+    import harness
+
+    session = tmp_path / "session"
+    (session / "train_gpu_16384").mkdir(parents=True)
+    row = {"method": "none", "seq": 16384, "step_s": 0.35, "device": "NVIDIA H200", "torch": "2.11.0+cu130",
+           "date": "2026-11-29"}
+    (session / "train_gpu_16384" / "train_gpu.json").write_text(json.dumps([row]))
+    (session / "train_gpu_16384" / "trace_memopt-match.json.gz").write_bytes(b"trace")
+    (session / "summary.json").write_text("{}")
+    monkeypatch.setattr(gpu_results, "RESULTS_DIR", tmp_path / "results")
+    monkeypatch.setattr(harness, "README", tmp_path / "README.md")
+    (tmp_path / "results").mkdir()
+    assert gpu_results.main([str(session)]) == 0
+    filed = (tmp_path / "results" / "train_gpu.csv").read_text()
+    assert "NVIDIA H200" in filed and "2.11.0+cu130" in filed  # the measuring machine's, not this one's
+    kept = tmp_path / "results" / "gpu_session-20261129" / "session"
+    assert (kept / "summary.json").exists() and (kept / "trace_memopt-match.json.gz").exists()
+    assert "| none | 16384 | torch |" in (tmp_path / "README.md").read_text()
+    with pytest.raises(SystemExit):
+        gpu_results.main([str(tmp_path / "results")])  # not a session folder: says so

@@ -82,7 +82,11 @@ def test_model_state_figures_equal_analytic_counts(tmp_path, capsys):
     graph = report.graph
     assert graph.param_bytes == 2 * n
     assert graph.grad_bytes == -(-2 * n // 4)
-    assert graph.optimizer_bytes == -(-12 * n // 4)
+    # fp32 master copy + exp_avg + exp_avg_sq (12 bytes a parameter) and a 4-byte step count per tensor:
+    # wte, wpe, 12 blocks x 12 tensors, ln_f weight and bias (lm_head is tied to wte)
+    tensors = 2 + 12 * 12 + 2
+    assert graph.optimizer_bytes == -(-(12 * n + 4 * tensors) // 4)
+    assert (report.plan.world_size, report.plan.sharding) == (4, "zero2")  # a DeepSpeed "plan" section takes it
     assert "ZeRO-2" in out
 
 
@@ -206,3 +210,25 @@ def test_demo_is_dispatched_to_memopt_demo(monkeypatch):
     monkeypatch.setattr("memopt.demo", fake, raising=False)
     assert main(["demo", "--steps", "2"]) == 7
     assert seen == [["--steps", "2"]]
+
+
+def test_llama3_8b_shows_its_head_row_and_counts_the_logits_by_hand(tmp_path, capsys):
+    """The head of a 128k vocabulary at 8192 tokens: the model's own loss holds the log-softmax (fp32), its
+    gradient and the logits' gradient (fp32) at once, three N x V x 4 bytes; chunked, a fraction of it."""
+    # (ZeRO-2 over 4 GPUs: the model states fit an H100 and the step needs a plan.)
+    path = tmp_path / "llama3.json"
+    code = main(["plan", "llama3-8b", "--seq", "8192", "--gpu", "h100", "--zero-stage", "2", "--world-size", "4",
+                 "--quiet", "--json", str(path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    report = PlanReport.load(path)
+    head = report.graph.head
+    rows, vocab = 8192, 128256
+    assert (head.rows, head.vocab) == (rows, vocab)
+    by_hand = 3 * rows * vocab * 4
+    assert abs(report.graph.head_workspace_bytes - by_hand) <= 0.03 * by_hand
+    assert abs(head.options[0].workspace_bytes - by_hand) <= 0.03 * by_hand
+    row = next(line for line in out.splitlines() if "lm head + loss" in line)
+    assert report.plan.head_chunks > 1 and "chunked" in row and "chunks of" in row
+    # Chunked, an eighth of that or less, beside the trained head's weight gradient (bf16, accumulated in place).
+    assert min(o.workspace_bytes for o in head.options) < by_hand / 8 + vocab * 4096 * 2

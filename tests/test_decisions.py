@@ -15,9 +15,8 @@ import torch
 
 import memopt
 from memopt.graph import Decision, Mode, Plan
-from memopt.meter import MemoryMeter
 from memopt.planners import simulate
-from memopt.testing import TinyMLP
+from memopt.testing import TinyMLP, metered_step
 
 MODES = [None, *Mode]
 FRACTIONS = [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (0.5, 0.5, 0.0), (0.5, 0.0, 0.5),
@@ -56,14 +55,11 @@ def _run(model, x, graph, decision) -> tuple[int, int]:
     result = simulate(graph, decisions)
     handle = memopt.apply(model, Plan(decisions, result.peak_bytes, "test", result.peak_bytes, result.step_s,
                                       result.step_s, result.peak_bytes, host_bytes=result.host_peak_bytes))
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    with MemoryMeter() as meter:
-        model(x).backward()
+    measured = metered_step(model, x)
     host = handle.stats().get("host_peak_bytes", 0)
     handle.remove()
     # On a CPU host memory is the device memory: the simulator holds a swapped copy where the tensor was.
-    return result.peak_bytes - graph.resident_bytes, meter.peak_bytes + host
+    return result.peak_bytes - graph.states_without_grads_bytes, measured + host
 
 
 def test_every_combination_is_refused_by_name_or_runs_as_simulated(profiled):

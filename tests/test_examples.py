@@ -17,6 +17,8 @@ ARGS = {
     "qst_finetune.py": [],
     "arena_basics.py": [],
     "hf_trainer.py": ["--steps", "4"],
+    "deepspeed_train.py": ["--ranks", "2", "--layers", "2", "--seq", "128", "--steps", "2"],
+    "fsdp_train.py": ["--ranks", "2", "--layers", "2", "--seq", "128", "--steps", "2", "--budget", "0.7"],
 }
 
 

@@ -20,6 +20,7 @@ from memopt.fake_profile import (  # noqa: E402
     model_states,
     parameter_count,
     preset_names,
+    resharded,
 )
 from memopt.hardware import Hardware  # noqa: E402
 from memopt.planners import baseline_plan  # noqa: E402
@@ -111,7 +112,10 @@ def test_model_states_follow_the_convention(dtype, optimizer, stage, world, per_
     n = 1_000_000
     states = model_states(n, TrainingSetup(seq_len=8, dtype=dtype, optimizer=optimizer, zero_stage=stage,
                                            world_size=world))
-    assert (states.param_bytes, states.grad_bytes, states.optimizer_bytes) == tuple(int(b * n) for b in per_param)
+    step_count = 4 if optimizer == "adamw" else 0  # Adam's 0-d fp32 step, one for this one tensor
+    sharded = world if stage >= 1 else 1
+    expected = (int(per_param[0] * n), int(per_param[1] * n), -(-(int(per_param[2] * n * sharded) + step_count) // sharded))
+    assert (states.param_bytes, states.grad_bytes, states.optimizer_bytes) == expected
     assert optimizer in states.convention
 
 
@@ -122,7 +126,8 @@ def test_fake_profile_model_states_equal_analytic_counts():
     assert graph.meta["n_params"] == n
     assert graph.param_bytes == -(-2 * n // 8)
     assert graph.grad_bytes == -(-2 * n // 8)
-    assert graph.optimizer_bytes == -(-12 * n // 8)
+    tensors = 2 + 12 * 12 + 2  # wte, wpe, 12 blocks x 12, ln_f (lm_head tied): one 4-byte Adam step each
+    assert graph.optimizer_bytes == -(-(12 * n + 4 * tensors) // 8)
     assert graph.sharding_degree == 8
     assert graph.meta["profiled"] == "fake"
     # Under DeepSpeed's default reuse distance (1e9 parameters) ZeRO-3 keeps a model this small gathered whole.
@@ -219,3 +224,28 @@ def test_config_object_changed_into_an_invalid_one_is_one_line():
     config.num_heads = 4  # 64 x 2 != 4 x 16
     with pytest.raises(ModelConfigError, match="malformed: .*must equal num_heads \\* head_dim"):
         fake_profile(config, TrainingSetup(seq_len=64), CPU)
+
+
+@pytest.mark.parametrize("stage,world", [(1, 4), (2, 8), (3, 8)])
+def test_resharded_equals_profiling_under_that_sharding(stage, world):
+    hardware = Hardware.preset("h100")
+    whole = fake_profile("gpt2", TrainingSetup(seq_len=64, optimizer="adamw"), hardware)
+    direct = fake_profile("gpt2", TrainingSetup(seq_len=64, optimizer="adamw", zero_stage=stage, world_size=world),
+                          hardware)
+    again = resharded(whole, stage, world)
+    for field in ("param_bytes", "grad_bytes", "optimizer_bytes", "sharding_degree", "gathered_param_bytes",
+                  "optimizer_step_bytes"):
+        assert getattr(again, field) == getattr(direct, field), field
+    assert again.optimizer_step_s == pytest.approx(direct.optimizer_step_s)
+    assert resharded(again, 0, 1).model_state_bytes == whole.model_state_bytes
+
+
+def test_resharded_refuses_graphs_it_cannot_reshard():
+    graph = fake_profile("gpt2", TrainingSetup(seq_len=64), Hardware.preset("h100"))
+    with pytest.raises(ValueError, match="zero_stage must be 0, 1, 2 or 3, got 4"):
+        resharded(graph, 4, 2)
+    with pytest.raises(ValueError, match="world_size must be an int >= 1, got 0"):
+        resharded(graph, 2, 0)
+    stripped = dataclasses.replace(graph, meta={k: v for k, v in graph.meta.items() if k != "unsharded_states"})
+    with pytest.raises(ValueError, match="unsharded_states"):
+        resharded(stripped, 2, 2)

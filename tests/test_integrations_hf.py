@@ -94,3 +94,28 @@ def test_bad_budget_is_rejected():
 
     with pytest.raises(ValueError, match="budget"):
         MemoptCallback(budget=None)
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("deepspeed", {"zero_optimization": {"stage": 2}}, "memopt.integrations.deepspeed.initialize"),
+    ("fsdp", "full_shard auto_wrap", "memopt.integrations.fsdp.optimize"),
+])
+def test_a_trainer_that_wraps_the_model_is_refused_before_anything_changes(field, value, needle):
+    """The callback sees the model after accelerate wrapped it: it refuses, naming what to use, and leaves the
+    model untouched."""
+    from types import SimpleNamespace
+
+    from memopt.integrations.hf import MemoptCallback
+
+    model = hf_causal_lm("llama", num_hidden_layers=2)
+    before = snapshot(model)
+    forward = {name: type(m).forward for name, m in model.named_modules()}
+    args = SimpleNamespace(deepspeed=None, fsdp="")
+    setattr(args, field, value)
+    callback = MemoptCallback(budget=0.5)
+    with pytest.raises(ValueError, match=needle):
+        callback.on_train_begin(args, None, None, model=model, train_dataloader=[{"input_ids": torch.zeros(1, 8)}])
+    assert callback.handle is None
+    assert all("forward" not in vars(m) for m in model.modules())
+    assert {name: type(m).forward for name, m in model.named_modules()} == forward
+    assert max_difference(before, snapshot(model)) == 0.0

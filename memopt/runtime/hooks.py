@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import warnings
 import weakref
 
@@ -36,7 +37,7 @@ class Runtime:
         lookahead (int, default 1): units whose swapped tensors are prefetched ahead in backward.
         on_shape_change (str, default "recompute"): see ``MemoptConfig.on_shape_change``.
         recorder (object | None): profiling callbacks (``before_forward``, ``forward_context``,
-            ``after_forward``, ``on_backward``, ``on_recompute``); None when training.
+            ``after_forward``, ``on_backward``, ``replay_context``, ``on_recompute``); None when training.
         announce (bool, default False): warn once about the model switches ``install`` turns (the KV cache
             off for training forwards, Hugging Face gradient checkpointing off); see ``ModelSwitches``.
     """
@@ -119,10 +120,11 @@ class Runtime:
 
     def refresh_params(self) -> None:
         """Remember which storages are parameters or buffers: those are never swapped or dropped. Weakly:
-        a parameter's data can change hands (DeepSpeed ZeRO-3 swaps it for a gathered copy and back), and
-        the address of a storage that died must not pass for a parameter's when a new one takes it."""
+        a parameter's data can change hands (DeepSpeed ZeRO-3 swaps it for a gathered copy and back; FSDP2 lists
+        sharded parameters while the forward computes with unsharded ones, counted too), and the address of a
+        storage that died must not pass for a parameter's when a new one takes it."""
         storages = StorageMap()
-        for t in (*self.model.parameters(), *self.model.buffers()):
+        for t in (*self.model.parameters(), *self.model.buffers(), *_fsdp_unsharded(self.model)):
             storages.add(t.untyped_storage(), None)
         self.param_storages = storages
 
@@ -267,6 +269,21 @@ class Runtime:
 
 
 _MISSING = object()
+
+
+def _fsdp_unsharded(model: nn.Module) -> list[torch.Tensor]:
+    """FSDP2's unsharded parameters in ``model``: what its forward computes with (and autograd saves views of)
+    while the model lists the sharded ones. FSDP frees and refills their storage in place, so it is theirs from
+    the first unshard on. None without FSDP2."""
+    kind = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)  # not imported: no FSDP2 model
+    if kind is None:
+        return []
+    found = []
+    for module in model.modules():
+        if isinstance(module, kind):
+            for group in getattr(module._get_fsdp_state(), "_fsdp_param_groups", ()):
+                found.extend(fp._unsharded_param for fp in group.fsdp_params if hasattr(fp, "_unsharded_param"))
+    return found
 
 
 def _model_device(model: nn.Module) -> torch.device:

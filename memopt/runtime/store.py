@@ -65,7 +65,11 @@ class CudaOps:
         return torch.cuda.stream(stream)
 
     def record_stream(self, tensor: torch.Tensor, stream) -> None:
-        tensor.record_stream(stream)
+        # torch's record_stream does nothing under a pluggable allocator; memopt's own honours it there and
+        # defers to torch's otherwise.
+        from memopt.pools.cuda import record_stream
+
+        record_stream(tensor, stream)
 
     def pin(self, buffer: torch.Tensor) -> bool:
         """Page-lock ``buffer``'s memory where it lies, at its exact size; False (and a warning) when refused.

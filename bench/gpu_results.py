@@ -1,0 +1,68 @@
+"""gpu_results: file a GPU session's figures with the others: rows into results/train_gpu.csv and the table in
+bench/README.md, the session's summary, test reports and trace into results/gpu_session-<date>/.
+
+    python bench/gpu_results.py DIR [DIR ...]     # DIR: a bench/gpu_session.py output folder
+
+The rows keep the device, torch and memopt versions and the date of the machine that measured them (written
+there by train_gpu.py), not this machine's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import RESULTS_DIR, _update_readme  # noqa: E402
+
+COLUMNS = ["method", "seq", "allocator", "step_s", "step_vs_none", "peak_alloc_gib", "peak_reserved_gib",
+           "reserved_vs_alloc", "predicted_peak_gib", "predicted_step_s", "decisions", "host_peak_gib",
+           "device", "torch", "date"]
+KEPT = ("summary.json", "session.log", "env.json", "nvidia-smi.txt", "pytest_cuda.xml", "pytest_cuda_pools.xml")
+
+
+def session_rows(folder: Path) -> list[dict]:
+    rows = []
+    for path in sorted(folder.glob("train_gpu_*/train_gpu.json")):
+        for row in json.loads(path.read_text()):
+            rows.append({"allocator": "torch", **row})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    rows = []
+    for folder in args.folders:
+        found = session_rows(folder)
+        if not found:
+            parser.error(f"{folder} holds no train_gpu_*/train_gpu.json: give a bench/gpu_session.py output folder")
+        rows += found
+        date = found[0].get("date", "undated").replace("-", "")
+        keep = RESULTS_DIR / f"gpu_session-{date}" / folder.name
+        keep.mkdir(parents=True, exist_ok=True)
+        for name in KEPT:
+            if (folder / name).exists():
+                shutil.copy2(folder / name, keep / name)
+        for trace in folder.glob("train_gpu_*/trace_*"):
+            shutil.copy2(trace, keep / trace.name)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    path = RESULTS_DIR / "train_gpu.csv"
+    old = list(csv.DictReader(path.open())) if path.exists() else []
+    columns = list(dict.fromkeys([*(old[0] if old else {}), *columns]))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows([*old, *rows])
+    _update_readme("train_gpu", rows, COLUMNS)
+    print(f"{len(rows)} rows into {path} and the train_gpu table of bench/README.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
