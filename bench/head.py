@@ -6,10 +6,11 @@
 For each vocabulary size and head weight (frozen, as under LoRA, QLoRA and QST; or trained):
 ``F.cross_entropy(F.linear(h, W).float(), target)`` forward and backward (the hidden states, and a trained weight,
 get gradients), and the same through ``chunked_linear_cross_entropy`` at the given number of chunks (rows cut
-at multiples of 64). Rounds interleave the two methods so machine noise hits both alike. Figures: the head+loss
-transient (peak bytes the step allocates beyond its inputs, memopt.meter.MemoryMeter, in an untimed run; a
-trained weight's gradient, a model state, is in both) and the median seconds over the rounds, each as a ratio
-to the unchunked head; the range of the per-round time ratios; the load average seen.
+at multiples of 64). Rounds interleave the two methods, in alternating order, so machine noise hits both
+alike. Figures: the head+loss transient (peak bytes the step allocates beyond its inputs, memopt.meter.
+MemoryMeter, in an untimed run, less a trained weight's gradient: a model state both hold, counted with the
+model states by memopt, ``weight_grad_mib``) and the median seconds over the rounds, each as a ratio to the
+unchunked head; the range of the per-round time ratios; the load average seen.
 """
 
 from __future__ import annotations
@@ -71,11 +72,12 @@ def main() -> None:
             w = (torch.randn(vocab, args.hidden, generator=generator) / args.hidden ** 0.5)
             w.requires_grad_(weight == "trained")
             target = torch.randint(0, vocab, (args.tokens,), generator=generator)
-            peaks = {m: _peak(m, h, w, target, chunk_rows) for m in ("unchunked", "chunked")}
+            weight_grad = w.numel() * w.element_size() if w.requires_grad else 0
+            peaks = {m: _peak(m, h, w, target, chunk_rows) - weight_grad for m in ("unchunked", "chunked")}
             times: dict[str, list[float]] = {"unchunked": [], "chunked": []}
             loads = []
-            for _ in range(args.rounds):
-                for method in ("unchunked", "chunked"):
+            for round_ in range(args.rounds):
+                for method in ("unchunked", "chunked")[:: 1 if round_ % 2 == 0 else -1]:
                     start = time.perf_counter()
                     _step(method, h, w, target, chunk_rows)
                     times[method].append(time.perf_counter() - start)
@@ -87,7 +89,7 @@ def main() -> None:
                 rows.append({
                     "vocab": vocab, "tokens": args.tokens, "hidden": args.hidden, "weight": weight, "method": method,
                     "chunks": args.chunks if method == "chunked" else 1,
-                    "transient_mib": round(peaks[method] / 2**20, 1),
+                    "transient_mib": round(peaks[method] / 2**20, 1), "weight_grad_mib": round(weight_grad / 2**20, 1),
                     "transient_x": round(peaks[method] / peaks["unchunked"], 3),
                     "step_s": round(seconds, 3), "step_x": round(seconds / base, 3),
                     "step_x_range": (f"{min(ratios):.3f}-{max(ratios):.3f}" if method == "chunked" else "1.000"),

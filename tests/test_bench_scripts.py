@@ -1,0 +1,33 @@
+"""The CPU benchmarks' measuring parts on tiny shapes: what they report is what they claim to measure."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import head  # noqa: E402
+
+
+def test_head_bench_measures_a_smaller_transient_when_chunked():
+    generator = torch.Generator().manual_seed(0)
+    h = torch.randn(512, 32, generator=generator)
+    w = torch.randn(4096, 32, generator=generator).requires_grad_(True)
+    target = torch.randint(0, 4096, (512,), generator=generator)
+    unchunked = head._peak("unchunked", h, w, target, 64)
+    chunked = head._peak("chunked", h, w, target, 64)
+    logits = 512 * 4096 * 4
+    assert unchunked >= 2 * logits  # logits and their gradient at least
+    assert chunked < unchunked / 4  # 8 chunks of 64 rows: one chunk's logits at a time
+
+
+def test_qst_curve_reports_the_loss_per_window(monkeypatch):
+    import qst
+
+    monkeypatch.setattr(qst, "CURVE_WINDOW", 2)
+    rows = qst.main(["--curve", "1e-3", "--ablation-steps", "4", "--no-write"])
+    assert len(rows) == 1 and rows[0]["lr"] == 1e-3 and rows[0]["steps"] == 4
+    assert len(rows[0]["curve_every_window"].split("/")) == 2 and rows[0]["trainable_params"] > 0
