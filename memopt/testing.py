@@ -7,7 +7,7 @@ import contextlib
 import torch
 from torch import nn
 
-__all__ = ["HF_FAMILIES", "TinyConvNet", "TinyGPT", "TinyMLP", "hf_causal_lm", "hf_sample", "max_difference", "metered_loop",
+__all__ = ["HF_FAMILIES", "TinyConvNet", "TinyGPT", "TinyMLP", "hf_causal_lm", "hf_sample", "hf_t5", "hf_t5_sample", "max_difference", "metered_loop",
            "metered_step", "snapshot", "train"]
 
 
@@ -127,6 +127,23 @@ def hf_causal_lm(family: str, seed: int = 0, attn_implementation: str = "eager",
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
     return model.train()
+
+
+def hf_t5(seed: int = 0) -> nn.Module:
+    """A small T5 (needs ``transformers``): vocab 4096, 3 encoder and 3 decoder layers, in train mode."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.T5Config(vocab_size=4096, d_model=128, d_kv=32, d_ff=256, num_layers=3, num_decoder_layers=3,
+                                   num_heads=4, decoder_start_token_id=0, pad_token_id=0)
+    return transformers.T5ForConditionalGeneration(config).train()
+
+
+def hf_t5_sample(batch: int = 2, seq: int = 512, seed: int = 0) -> dict:
+    """Random input ids and labels for ``hf_t5``."""
+    generator = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(0, 4096, (batch, seq), generator=generator),
+            "labels": torch.randint(0, 4096, (batch, seq), generator=generator)}
 
 
 def hf_sample(vocab_size: int = 256, batch: int = 2, seq: int = 64, seed: int = 0) -> dict:

@@ -31,3 +31,17 @@ def test_qst_curve_reports_the_loss_per_window(monkeypatch):
     rows = qst.main(["--curve", "1e-3", "--ablation-steps", "4", "--no-write"])
     assert len(rows) == 1 and rows[0]["lr"] == 1e-3 and rows[0]["steps"] == 4
     assert len(rows[0]["curve_every_window"].split("/")) == 2 and rows[0]["trainable_params"] > 0
+
+
+def test_match_ckpt_plans_at_checkpointings_bytes_and_holds_them(monkeypatch):
+    import match_ckpt
+
+    from memopt.testing import hf_causal_lm, hf_sample
+
+    monkeypatch.setitem(match_ckpt.CASES, "tiny", (
+        lambda: hf_causal_lm("llama", attn_implementation="sdpa", num_hidden_layers=6, vocab_size=2048),
+        lambda: hf_sample(vocab_size=2048, seq=256)))
+    rows = {row["method"]: row for row in match_ckpt.measure("tiny", rounds=1)}
+    assert set(rows) == {"none", "hf-ckpt", "memopt"}
+    assert rows["memopt"]["activation_vs_ckpt"] <= 1.0 and rows["hf-ckpt"]["activation_vs_ckpt"] == 1.0
+    assert rows["none"]["step_vs_none"] == 1.0 and rows["memopt"]["memopt_vs_ckpt_min_median_max"].count("/") == 2

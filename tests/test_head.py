@@ -18,7 +18,7 @@ from memopt.graph import Decision, Plan
 from memopt.meter import MemoryMeter
 from memopt.planners import simulate
 from memopt.runtime.chunked_loss import ChunkSpec, chunked_linear_cross_entropy
-from memopt.testing import hf_causal_lm, hf_sample, max_difference, metered_step, snapshot
+from memopt.testing import hf_causal_lm, hf_sample, hf_t5, hf_t5_sample, max_difference, metered_step, snapshot
 
 pytest.importorskip("transformers")
 
@@ -178,27 +178,12 @@ def test_the_planner_chunks_the_head_where_the_budget_needs_it(config, chunked):
             memopt.plan(graph, 0.3, options)
 
 
-def _t5():
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.T5Config(vocab_size=4096, d_model=128, d_kv=32, d_ff=256, num_layers=3, num_decoder_layers=3,
-                                   num_heads=4, decoder_start_token_id=0, pad_token_id=0)
-    return transformers.T5ForConditionalGeneration(config).train()
-
-
-def _t5_batch():
-    generator = torch.Generator().manual_seed(0)
-    return {"input_ids": torch.randint(0, 4096, (2, 512), generator=generator),
-            "labels": torch.randint(0, 4096, (2, 512), generator=generator)}
-
-
 CASES = {
     # The Llama: 8 layers, hidden 256, vocab 8192, 2 x 1024 tokens.
     "llama-8192": (lambda: hf_causal_lm("llama", attn_implementation="sdpa", vocab_size=8192, num_hidden_layers=8,
                                         hidden_size=256, intermediate_size=512),
                    lambda: hf_sample(vocab_size=8192, seq=1024)),
-    "t5": (_t5, _t5_batch),
+    "t5": (hf_t5, hf_t5_sample),
 }
 
 
