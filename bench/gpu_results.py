@@ -1,5 +1,5 @@
 """gpu_results: file a GPU session's figures with the others: rows into results/train_gpu.csv and the table in
-bench/README.md, the session's summary, test reports and trace into results/gpu_session-<date>/.
+bench/README.md, the session's summary, test reports, trace and memory trace into results/gpu_session-<date>/.
 
     python bench/gpu_results.py DIR [DIR ...]     # DIR: a bench/gpu_session.py output folder
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in KEPT:
             if (folder / name).exists():
                 shutil.copy2(folder / name, keep / name)
-        for trace in folder.glob("train_gpu_*/trace_*"):
+        for trace in [*folder.glob("train_gpu_*/trace_*"), *folder.glob("memory/memory_trace.json")]:
             shutil.copy2(trace, keep / trace.name)
     columns = list(dict.fromkeys(key for row in rows for key in row))
     path = RESULTS_DIR / "train_gpu.csv"
