@@ -45,3 +45,15 @@ def test_match_ckpt_plans_at_checkpointings_bytes_and_holds_them(monkeypatch):
     assert set(rows) == {"none", "hf-ckpt", "memopt"}
     assert rows["memopt"]["activation_vs_ckpt"] <= 1.0 and rows["hf-ckpt"]["activation_vs_ckpt"] == 1.0
     assert rows["none"]["step_vs_none"] == 1.0 and rows["memopt"]["memopt_vs_ckpt_min_median_max"].count("/") == 2
+
+
+def test_alloc_from_start_trace_holds_the_models_blocks_before_its_first_step():
+    import alloc
+
+    trace = alloc.recorded_trace(64, 2, 128, steps=2, min_ops=0, from_start=True)
+    marks = [i for i, record in enumerate(trace) if record[1] == alloc.STEP]
+    assert len(marks) == 2
+    before = {ident for ident, kind, _ in trace[:marks[0]] if kind == 0}
+    freed_in_steps = {ident for ident, kind, _ in trace[marks[0]:marks[-1]] if kind == 1}
+    # Parameters and AdamW states made before the first mark live through the steps (freed only at the end).
+    assert len(before - freed_in_steps) > 10
