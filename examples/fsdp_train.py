@@ -73,7 +73,6 @@ def main() -> None:
     parser.add_argument("--budget", default="0.5", help="one rank's budget: bytes like '2GiB', or a fraction of "
                                                         "the activation peak")
     args = parser.parse_args()
-    args.budget = float(args.budget) if args.budget.replace(".", "", 1).isdigit() else args.budget
     results = launch(train_rank, args.ranks, (args,), timeout_s=600)
     print(results[0]["report"])
     try:

@@ -95,7 +95,8 @@ def _positive(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .fake_profile import ATTN_IMPLEMENTATIONS, OPTIMIZER_STATES, preset_names
+    from .fake_profile import ATTN_IMPLEMENTATIONS, preset_names
+    from .precision import OPTIMIZERS
     from .precision import PRECISIONS
 
     parser = _Parser(prog="memopt", description="Plan activation memory (keep / swap / recompute) for training.")
@@ -118,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
                            "copy), bf16-true (everything bf16), fp16-mixed, 32-true (default: from --dtype)")
     plan.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
                       help="training dtype when no --precision: bf16-mixed, fp16-mixed or 32-true (default bf16)")
-    plan.add_argument("--optimizer", choices=list(OPTIMIZER_STATES), default="adamw", help="optimizer (default adamw)")
+    plan.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw", help="optimizer (default adamw)")
     plan.add_argument("--grad-accum", type=int, default=1, metavar="N",
                       help="micro-batches per optimizer step; above 1 gradients are held all step (default 1)")
     plan.add_argument("--lora", type=int, default=0, metavar="R",

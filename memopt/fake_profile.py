@@ -31,7 +31,6 @@ from .hardware import Hardware
 __all__ = [
     "ATTN_IMPLEMENTATIONS",
     "DTYPE_BYTES",
-    "OPTIMIZER_STATES",
     "ModelConfigError",
     "ModelStates",
     "TrainingSetup",
@@ -51,12 +50,9 @@ PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 _TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
-#: Optimizers ``TrainingSetup.optimizer`` accepts (``memopt.precision``).
-OPTIMIZER_STATES = {name: name for name in OPTIMIZERS}
 #: The precision convention a bare ``dtype`` stands for.
 DTYPE_PRECISION = {"bf16": "bf16-mixed", "fp16": "fp16-mixed", "fp32": "32-true"}
 
-_FP32_BYTES = 4
 
 #: Attention implementations a model can be traced with under fake tensors, the default first (flash
 #: attention needs a GPU, flex attention real tensors).
@@ -118,8 +114,7 @@ class TrainingSetup:
             raise ValueError(f"qst trains a side network beside a frozen 4-bit model, lora_rank={self.lora_rank} "
                              "adapters inside it: choose one (--qst, or --lora R [--qlora])")
         if self.precision is not None:
-            self.dtype = {"32-true": "fp32", "fp16-mixed": "fp16"}.get(self.precision, "bf16")
-            precision(self.precision)
+            self.dtype = precision(self.precision).compute
         else:
             self.precision = DTYPE_PRECISION.get(self.dtype, self.dtype)
         for key in ("seq_len", "batch_size", "world_size", "grad_accumulation"):
@@ -128,8 +123,8 @@ class TrainingSetup:
                 raise ValueError(f"{key} must be an int >= 1, got {value!r}")
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
-        if self.optimizer not in OPTIMIZER_STATES:
-            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZER_STATES)}, got {self.optimizer!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
         if self.zero_stage and self.world_size == 1:

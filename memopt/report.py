@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .graph import Plan, TrainingGraph
+from .planners.simulator import head_change
 from .units import format_bytes
 
 __all__ = ["CATEGORY_COLORS", "CATEGORY_NOTES", "PlanReport", "breakdown", "memory_svg", "render_breakdown",
@@ -252,7 +253,7 @@ def _head_row(report: PlanReport) -> str:
     if plan.head_chunks == 1:
         return (f"  {'lm head + loss':<28} {'whole':<10} {format_bytes(before):>11} at the turn (fits unchunked; "
                 f"{len(head.options) - 1} chunkings profiled)")
-    after = before + head.option(plan.head_chunks).workspace_bytes - head.options[0].workspace_bytes
+    after = before + head_change(graph, plan.head_chunks)[0]
     exact = "weight gradient within float rounding" if head.trained else "bitwise (frozen head)"
     return (f"  {'lm head + loss':<28} {'chunked':<10} {format_bytes(before):>11} -> {format_bytes(after)} at the "
             f"turn: {plan.head_chunks} chunks of {plan.head_chunk_rows} rows, {exact}")

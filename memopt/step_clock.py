@@ -10,6 +10,7 @@ Without an optimizer the clock measures nothing.
 
 from __future__ import annotations
 
+import collections
 import statistics
 import time
 
@@ -35,7 +36,10 @@ class StepClock:
 
     def __init__(self, model: nn.Module, optimizer, predicted_step_s: float) -> None:
         self.predicted_step_s = predicted_step_s
-        self.steps: list = []  # (start, end): perf_counter seconds, or CUDA events
+        # (start, end) of the latest steps after the first (perf_counter seconds, or CUDA events): a bounded
+        # window, so a long run neither grows it nor slows stats().
+        self.first_done = False
+        self.steps: collections.deque = collections.deque(maxlen=32)
         self._start = None
         self._warned = False
         self._hooks = []
@@ -59,20 +63,23 @@ class StepClock:
     def _on_step(self, *_args) -> None:
         if self._start is None:
             return
-        self.steps.append((self._start, self._now()))
+        end = self._now()
+        if self.first_done:
+            self.steps.append((self._start, end))
+        self.first_done = True
         self._start = None
-        if not self.cuda and len(self.steps) == 4:
+        if not self.cuda and len(self.steps) == 3:
             self._check()
 
     def measured_step_s(self) -> float | None:
-        """Median seconds of the steps after the first; None before two steps."""
-        if len(self.steps) < 2:
+        """Median seconds of the latest steps after the first (at most 32); None before two steps."""
+        if not self.steps:
             return None
         if self.cuda:
             self.steps[-1][1].synchronize()
-            seconds = [start.elapsed_time(end) / 1e3 for start, end in self.steps[1:]]
+            seconds = [start.elapsed_time(end) / 1e3 for start, end in self.steps]
         else:
-            seconds = [end - start for start, end in self.steps[1:]]
+            seconds = [end - start for start, end in self.steps]
         return statistics.median(seconds)
 
     def _check(self) -> None:

@@ -2,7 +2,7 @@
 their configs build them, mixed plans with lookahead, measured against predicted memory, copy/compute overlap,
 a second device and the pinned arena's cost.
 
-Each check is a function of the device it runs on; the CPU variant runs in the default suite (it checks the
+Most checks are a function of the device they run on; the CPU variant runs in the default suite (it checks the
 test itself and the CPU path), the CUDA variant is marked ``cuda`` (``bench/gpu_session.py`` runs those).
 Figures a GPU shows but no rule fixes (overlap, the ratio of measured to predicted peak, the arena's pinning
 time) are recorded as JUnit properties, which the session's summary collects.
@@ -32,11 +32,6 @@ def math_attention():
     """Bitwise comparisons through SDPA's math kernel: fused attention backward need not be deterministic."""
     with sdpa_kernel(SDPBackend.MATH):
         yield
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def _plan_of(graph, decisions: list[Decision]) -> Plan:
@@ -110,9 +105,9 @@ def test_bf16_autocast_mixed_plan_is_bitwise(device, deterministic, math_attenti
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family,attn", [("llama", "eager"), ("llama", "sdpa"), ("gpt2", "eager")])
-def test_hf_model_under_optimize_matches_and_fits(device, family, attn, record_property, request):
-    if attn == "eager":
-        request.getfixturevalue("deterministic")
+def test_hf_model_under_optimize_matches_and_fits(device, family, attn, record_property, deterministic,
+                                                  math_attention):
+    # sdpa through its math kernel: HF's sdpa code path, with a backward that is deterministic, so bitwise.
     batches = [{k: v.to(device) for k, v in hf_sample(batch=2, seq=256, seed=s).items()} for s in range(2)]
 
     def loop(model, handle_fn=None):
@@ -155,9 +150,7 @@ def test_hf_model_under_optimize_matches_and_fits(device, family, attn, record_p
     plan = handle.plan
     handle.remove()
     assert model.config.use_cache  # restored
-    # Fused attention backward need not be deterministic; AdamW moves a parameter at most lr per step.
-    tolerance = 0.0 if attn == "eager" else 2 * 1e-3 * len(batches)
-    assert max_difference(reference, got) <= tolerance
+    assert max_difference(reference, got) == 0.0
     if device == "cuda":
         record_property("predicted_peak_bytes", plan.predicted_peak_bytes)
         record_property("measured_peak_bytes", peaks[-1])
@@ -197,38 +190,38 @@ def test_mixed_plan_with_lookahead_is_bitwise(device, lookahead, deterministic):
 
 # -- copies overlap compute: a swapped step costs less than compute plus its copies in series ---------------------
 
-def _median_step_s(model, x, device, steps: int = 5) -> float:
-    times = []
-    for _ in range(steps + 1):
-        _sync(device)
-        started = time.perf_counter()
-        model(x).sum().backward()
-        _sync(device)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times[1:])
+def _step_s(model, x) -> float:
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    model(x).sum().backward()
+    torch.cuda.synchronize()
+    return time.perf_counter() - started
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_swap_copies_overlap_compute(device, record_property):
-    hidden, tokens = (1024, 8192) if device == "cuda" else (64, 256)
+@pytest.mark.cuda
+def test_swap_copies_overlap_compute(record_property):
+    """Every other unit swapped: its copies hide behind the next units' compute. The swapped step and the
+    all-kept one run in alternating rounds (two models, same weights), against the same bytes copied both ways
+    with nothing else running; at least half the copies' time must be hidden (0.97 on an H200)."""
     torch.manual_seed(0)
-    model = TinyMLP(hidden=hidden, depth=8).to(device)
-    x = torch.randn(1, tokens, hidden, device=device)
-    keep_s = _median_step_s(model, x, device)
+    kept = TinyMLP(hidden=1024, depth=8).cuda()
+    model = TinyMLP(hidden=1024, depth=8).cuda()
+    model.load_state_dict(kept.state_dict())
+    x = torch.randn(1, 8192, 1024, device="cuda")
     graph = memopt.profile(model, x)
-    # Swap every other unit: its copies can hide behind the next unit's compute.
     plan = _plan_of(graph, [realize(u, 0, 1, 0) if i % 2 == 0 else realize(u, 1, 0, 0)
                             for i, u in enumerate(graph.units)])
     handle = memopt.apply(model, plan)
-    swap_s = _median_step_s(model, x, device)
+    times: dict[str, list[float]] = {"keep": [], "swap": []}
+    for round_ in range(7):  # round 0 warms both up
+        for name, which in (("keep", kept), ("swap", model))[:: 1 if round_ % 2 else -1]:
+            seconds = _step_s(which, x)
+            if round_:
+                times[name].append(seconds)
     stats = handle.stats()
     handle.remove()
-    swapped = stats["swapped_bytes_total"] // max(1, stats.get("unit_forward_calls", 1) // len(graph.units))
-    if device != "cuda":
-        assert swap_s > 0
-        return
-    # The same bytes copied both ways with nothing else running: the serial cost the overlap hides.
-    block = torch.empty(swapped // 4 or 1, device="cuda")
+    swapped = stats["swapped_bytes_total"] // (stats["unit_forward_calls"] // len(graph.units))
+    block = torch.empty(swapped // 4, device="cuda")
     host = torch.empty(block.numel(), pin_memory=True)
     copies = []
     for _ in range(3):
@@ -238,14 +231,12 @@ def test_swap_copies_overlap_compute(device, record_property):
         block.copy_(host, non_blocking=True)
         torch.cuda.synchronize()
         copies.append(time.perf_counter() - started)
-    copy_s = min(copies)
-    overlap = 1.0 - (swap_s - keep_s) / copy_s if copy_s > 0 else 0.0
-    record_property("keep_step_s", round(keep_s, 5))
-    record_property("swap_step_s", round(swap_s, 5))
-    record_property("copy_s", round(copy_s, 5))
-    record_property("swapped_bytes_per_step", swapped)
-    record_property("overlap_fraction", round(overlap, 3))
-    assert swap_s <= 1.2 * (keep_s + copy_s), (keep_s, swap_s, copy_s)
+    keep_s, swap_s, copy_s = statistics.median(times["keep"]), statistics.median(times["swap"]), min(copies)
+    overlap = 1.0 - (swap_s - keep_s) / copy_s
+    for key, value in (("keep_step_s", keep_s), ("swap_step_s", swap_s), ("copy_s", copy_s),
+                       ("swapped_bytes_per_step", swapped), ("overlap_fraction", overlap)):
+        record_property(key, round(value, 5))
+    assert swapped > 0 and overlap >= 0.5, (keep_s, swap_s, copy_s)
 
 
 # -- a model on the second GPU: nothing lands on the first ---------------------------------------------------------

@@ -109,7 +109,6 @@ def test_a_trainer_that_wraps_the_model_is_refused_before_anything_changes(field
 
     model = hf_causal_lm("llama", num_hidden_layers=2)
     before = snapshot(model)
-    forward = {name: type(m).forward for name, m in model.named_modules()}
     args = SimpleNamespace(deepspeed=None, fsdp="")
     setattr(args, field, value)
     callback = MemoptCallback(budget=0.5)
@@ -117,5 +116,4 @@ def test_a_trainer_that_wraps_the_model_is_refused_before_anything_changes(field
         callback.on_train_begin(args, None, None, model=model, train_dataloader=[{"input_ids": torch.zeros(1, 8)}])
     assert callback.handle is None
     assert all("forward" not in vars(m) for m in model.modules())
-    assert {name: type(m).forward for name, m in model.named_modules()} == forward
     assert max_difference(before, snapshot(model)) == 0.0

@@ -259,6 +259,16 @@ def test_put_fetch_round_trip_on_the_asynchronous_path():
     assert [e.stream.name for e in ops.events] == ["side1", "side2"]  # D2H on one side stream, H2D on the other
 
 
+def test_a_second_fetch_copies_back_again():
+    """A graph backpropagated twice (retain_graph=True) fetches a swapped tensor twice: the second gets the data,
+    not the None a fetched entry's prefetch guard would leave."""
+    store = HostStore(torch.device("cpu"), 1 << 20, ops=FakeOps())
+    tensor = torch.randn(64, 32)
+    entry = store.put(tensor)
+    assert torch.equal(store.fetch(entry), tensor)
+    assert torch.equal(store.fetch(entry), tensor)
+
+
 # -- finding 8: the pinned arena is exactly the size asked for ------------------------------------------------
 
 def test_host_arena_is_pinned_at_its_exact_size_and_unpinned_on_close():

@@ -135,13 +135,8 @@ MO_API int mo_arena_create(uint64_t capacity_bytes, void *base, uint32_t quarant
 }
 
 MO_API int mo_arena_destroy(uint64_t handle) {
-    mo_arena *a;
-    int locked;
-    mo_slot *s = acquire(handle, &a, &locked);
-    if (!s) return MO_E_BAD_HANDLE;
-    s->arena = NULL;
-    if (++s->generation == 0) s->generation = 1;
-    release(s, locked);
+    mo_arena *a = mo_api_detach(handle);
+    if (!a) return MO_E_BAD_HANDLE;
     mo_core_delete(a);
     return MO_OK;
 }

@@ -50,7 +50,12 @@ class CudaOps:
     """
 
     def __init__(self, device: torch.device) -> None:
+        # torch's record_stream does nothing under a pluggable allocator; memopt's own honours it there and
+        # defers to torch's otherwise. Bound once: it runs for every swapped tensor.
+        from memopt.pools.cuda import record_stream
+
         self.device = device
+        self.record_stream = record_stream
 
     def stream(self):
         return torch.cuda.Stream(self.device)
@@ -63,13 +68,6 @@ class CudaOps:
 
     def use(self, stream):
         return torch.cuda.stream(stream)
-
-    def record_stream(self, tensor: torch.Tensor, stream) -> None:
-        # torch's record_stream does nothing under a pluggable allocator; memopt's own honours it there and
-        # defers to torch's otherwise.
-        from memopt.pools.cuda import record_stream
-
-        record_stream(tensor, stream)
 
     def pin(self, buffer: torch.Tensor) -> bool:
         """Page-lock ``buffer``'s memory where it lies, at its exact size; False (and a warning) when refused.
@@ -182,7 +180,10 @@ class HostStore:
             entry.h2d_event.record(self.h2d_stream)
 
     def fetch(self, entry: HostEntry) -> torch.Tensor:
-        """The entry's data on the device, ready on the current stream (the stream waits; the CPU does not)."""
+        """The entry's data on the device, ready on the current stream (the stream waits; the CPU does not).
+        A second fetch (a graph backpropagated twice, ``retain_graph=True``) copies back again."""
+        if entry.device_copy is None:
+            entry.fetched = False  # prefetch skips fetched entries; this one is asked for again
         self.prefetch(entry)
         out, entry.device_copy = entry.device_copy, None
         entry.fetched = True

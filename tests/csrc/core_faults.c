@@ -28,16 +28,7 @@ void *__wrap_malloc(size_t n) { return ++calls == fail_at ? NULL : __real_malloc
 void *__wrap_calloc(size_t n, size_t s) { return ++calls == fail_at ? NULL : __real_calloc(n, s); }
 void *__wrap_realloc(void *p, size_t n) { return ++calls == fail_at ? NULL : __real_realloc(p, n); }
 
-static int failures;
-#define EXPECT(cond, ...)                                  \
-    do {                                                   \
-        if (!(cond)) {                                     \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__);    \
-            printf(__VA_ARGS__);                           \
-            printf("\n");                                  \
-            failures++;                                    \
-        }                                                  \
-    } while (0)
+#include "expect.h"
 
 /* The counters a failed call must leave alone (metadata may have grown for good). */
 static int same_counters(const mo_stats_t *x, const mo_stats_t *y) {

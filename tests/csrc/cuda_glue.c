@@ -22,16 +22,7 @@
 
 #include "moalloc.h"
 
-static int failures;
-#define EXPECT(cond, ...)                               \
-    do {                                                \
-        if (!(cond)) {                                  \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-            printf(__VA_ARGS__);                        \
-            printf("\n");                               \
-            failures++;                                 \
-        }                                               \
-    } while (0)
+#include "expect.h"
 
 static void (*fake_run)(void *);
 static void (*fake_set_limit)(uint64_t);
