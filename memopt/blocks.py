@@ -8,7 +8,6 @@ order; the profiler finds them while it runs the step (``call_name``, ``split_na
 from __future__ import annotations
 
 import fnmatch
-from collections import Counter
 from collections.abc import Callable
 
 from torch import nn

@@ -78,14 +78,6 @@ class ModelSwitches:
                 "memopt: Hugging Face gradient checkpointing is turned off while the plan is applied: the plan "
                 "decides which layers recompute; handle.remove() turns it back on")
 
-    @property
-    def cache_off(self) -> bool:
-        return self._hook is not None
-
-    @property
-    def checkpointing_off(self) -> bool:
-        return bool(self._checkpointing)
-
     def restore(self) -> None:
         if self._hook is not None:
             self._hook.remove()
