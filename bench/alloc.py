@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
@@ -262,12 +263,13 @@ def build_driver(workdir: Path) -> Path:
 
 
 def run_driver(exe: Path, trace_file: Path, modes: tuple[str, ...], repeats: int, capacity_bytes: int,
-               plan_file: Path | None = None) -> list[dict]:
-    """One driver process replaying the trace with each of ``modes`` in turn; one result a mode."""
+               plan_files: Sequence[Path] = ()) -> list[dict]:
+    """One driver process replaying the trace with each of ``modes`` in turn; one result a mode. ``plan_files``:
+    the replay modes' PLAN and the -lag modes' (see alloc_driver.c)."""
     from memopt.pools import library_path
 
     argv = [str(exe), str(library_path()), str(trace_file), ",".join(modes), str(repeats), str(capacity_bytes)]
-    out = subprocess.run(argv + ([str(plan_file)] if plan_file else []), capture_output=True, text=True, check=True)
+    out = subprocess.run(argv + [str(p) for p in plan_files], capture_output=True, text=True, check=True)
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
 
@@ -282,17 +284,44 @@ def steps_of(trace: list[tuple]) -> list[list[tuple]]:
     return [s for s in steps if s]
 
 
-def plan_first_step(trace: list[tuple], capacity_bytes: int, quarantine: int = 16):
-    """Record the trace's first step in a device pool, as a CUDA arena would, and lay it out for replay.
+class LagOps:
+    """The driver's fake markers of a GPU running ``LAG_ALLOCS`` allocations behind (alloc_driver.c's lag_*):
+    a marker is the allocation count + 1; ``clock`` counts allocations."""
+
+    LAG_ALLOCS = 64
+
+    def __init__(self) -> None:
+        self.clock = self.waited = 0
+
+    def record(self, stream: int) -> int:
+        return self.clock + 1
+
+    def query(self, marker: int) -> int:
+        return int(marker <= self.waited or self.clock + 1 >= marker + self.LAG_ALLOCS)
+
+    def wait(self, marker: int) -> int:
+        self.waited = max(self.waited, marker)
+        return 0
+
+    def release(self, marker: int) -> None:
+        pass
+
+
+def plan_first_step(trace: list[tuple], capacity_bytes: int, quarantine: int = 16, lag: bool = False):
+    """Record the trace's first step in a device pool, as a CUDA arena would, and lay it out for replay: in
+    one region, and among the blocks alive at the second mark (as a CUDA arena arms it).
 
     Returns:
-        tuple[ReplayPlan | None, float]: the plan (None when the step frees nothing) and the seconds taken to
-        lay it out.
+        tuple[ReplayPlan | None, ReplayPlan | None, float]: the plan in one region (None when the step frees
+        nothing), the plan among the live blocks (None when there is none) and the seconds taken to lay out
+        the second (the first when there is none). ``lag``: frees lag as in the driver's -lag modes.
     """
     from memopt.pools._device import DevicePool
     from memopt.pools._replay import plan_replay
 
-    pool = DevicePool.virtual(capacity_bytes // 512 * 512, quarantine=quarantine)
+    ops = LagOps() if lag else None
+    pool = DevicePool.virtual(capacity_bytes // 512 * 512, quarantine=quarantine, ops=ops)
+    pool.set_lowest_first(True)  # the driver's replay modes, as a CUDA arena before its replay is armed
     addresses: dict[int, int] = {}
     marks = 0
     recorded = None
@@ -307,20 +336,28 @@ def plan_first_step(trace: list[tuple], capacity_bytes: int, quarantine: int = 1
         elif kind:
             pool.free(addresses.pop(ident))
         else:
+            if ops is not None:
+                ops.clock += 1
             addresses[ident] = pool.alloc(nbytes)
     if recorded is None:
         raise ValueError("the trace has fewer than two step marks; record at least two steps")
     t0 = time.perf_counter()
+    among = plan_replay(recorded, 512, free_runs=pool.free_runs())
+    seconds = time.perf_counter() - t0
     plan = plan_replay(recorded, 512)
-    return plan, time.perf_counter() - t0
+    return plan, among, seconds if among is not None else time.perf_counter() - t0 - seconds
 
 
-def write_plan(plan, path: Path) -> None:
-    """The driver's PLAN file (see alloc_driver.c)."""
+def write_plan(plan, among, path: Path) -> None:
+    """The driver's PLAN file (see alloc_driver.c): the layout in one region and, if any, among the live blocks."""
     from memopt.pools._lib import UNPLANNED
 
-    rows = [struct.pack("<QQ", n, UNPLANNED if o is None else o) for n, o in zip(plan.nbytes, plan.offsets)]
-    path.write_bytes(struct.pack("<QQ", len(rows), plan.region_bytes) + b"".join(rows))
+    regions = among.regions if among is not None else []
+    offsets_among = among.offsets if among is not None else [None] * len(plan.offsets)
+    rows = [struct.pack("<QQQ", n, UNPLANNED if o is None else o, UNPLANNED if a is None else a)
+            for n, o, a in zip(plan.nbytes, plan.offsets, offsets_among)]
+    head = struct.pack("<QQQ", len(rows), plan.region_bytes, len(regions))
+    path.write_bytes(head + b"".join(struct.pack("<QQ", o, b) for o, b in regions) + b"".join(rows))
 
 
 def main() -> None:
@@ -359,16 +396,20 @@ def main() -> None:
             live = peak_live_bytes(trace)
             steady_live = peak_live_bytes(trace, from_step=2)
             capacity = 4 * live + max(r[2] for r in trace) + (16 << 20)
-            groups, plan_file, plan = GROUPS, None, None
+            groups, plan_files, plan = GROUPS, (), None
             if any(r[1] == STEP for r in trace):  # recorded steps: replay the first one's layout
-                plan, plan_s = plan_first_step(trace, capacity)
+                plan, among, plan_s = plan_first_step(trace, capacity)
                 if plan is not None:
-                    plan_file = workdir / f"{name}.plan"
-                    write_plan(plan, plan_file)
+                    _, among_lag, _ = plan_first_step(trace, capacity, lag=True)
+                    plan_files = (workdir / f"{name}.plan", workdir / f"{name}.lag.plan")
+                    write_plan(plan, among, plan_files[0])
+                    write_plan(plan, among_lag, plan_files[1])
                     groups = GROUPS + (DEVICE_GROUP,)
                     print(json.dumps({"trace": name, "plan_method": plan.method, "plan_s": round(plan_s, 3),
                                       "positions": len(plan.nbytes), "planned": plan.planned,
-                                      "region_bytes": plan.region_bytes, "lower_bound_bytes": plan.lower_bound_bytes}))
+                                      "region_bytes": plan.region_bytes, "lower_bound_bytes": plan.lower_bound_bytes,
+                                      "regions_among_live": len(among.regions) if among is not None else 0,
+                                      "region_bytes_among_live": among.region_bytes if among is not None else 0}))
             # Rounds interleave the allocators, so that a slow spell of a shared machine hits them all;
             # each keeps its best round.
             results: dict[str, dict] = {}
@@ -376,7 +417,7 @@ def main() -> None:
             device_ns: dict[str, float] = {}  # a device mode -> memopt-device's ns in the same process
             for _ in range(args.rounds):
                 for group in groups:
-                    plan_arg = plan_file if group is DEVICE_GROUP else None
+                    plan_arg = plan_files if group is DEVICE_GROUP else ()
                     if name not in POISON_TRACES:
                         group = tuple(m for m in group if m != "memopt-host-poison")
                     by_mode = {r["mode"]: r for r in run_driver(exe, trace_file, group, args.repeats, capacity, plan_arg)}
@@ -411,6 +452,7 @@ def main() -> None:
                     "steady_reserved_over_live": round(r["steady_reserved_bytes"] / steady, 3) if steady else "",
                     "planned_pct": round(100 * r["planned_allocs"] / after, 2) if replays and after else "",
                     "fallback_allocs": r["fallback_allocs"] if replays else "",
+                    "layout": r.get("layout", ""),
                 })
                 print(json.dumps(rows[-1]))
     write_rows(args.scenario, rows)

@@ -2,10 +2,15 @@
  * Replays an allocation trace against one allocator and reports its speed and memory, so that the
  * figures are the allocator's own and not those of a Python loop. Compiled and run by bench/alloc.py.
  *
- *   alloc_driver LIBRARY TRACE MODES REPEATS CAPACITY_BYTES [PLAN]
+ *   alloc_driver LIBRARY TRACE MODES REPEATS CAPACITY_BYTES [PLAN [LAG_PLAN]]
  *
- * PLAN (replay modes) holds uint64 count, uint64 region_bytes, then count (nbytes, offset) pairs, offset
- * UINT64_MAX for the heap: memopt.pools._replay's layout of the trace's first step.
+ * PLAN (replay modes) holds uint64 count, uint64 region_bytes, uint64 n_regions, n_regions (offset, bytes)
+ * pairs, then count (nbytes, offset, offset_among) triples, offsets UINT64_MAX for the heap:
+ * memopt.pools._replay's layouts of the trace's first step, in one region (offset) and among the blocks
+ * alive when it is armed (offset_among, inside the regions; n_regions 0 when there is none). The replay
+ * arms the second with mo_dev_plan_at and, where the pool's blocks are not where the layout saw them
+ * (lagging frees move them), the first with mo_dev_plan; "layout" in the output says which. LAG_PLAN, the
+ * same laid out from a pool whose frees lagged as the -lag modes' do, serves those modes (PLAN when absent).
  * TRACE is a file of records {uint32 id; uint32 is_free; uint64 nbytes}; every id is freed before
  * it is allocated again and the trace ends with nothing live. MODES is one mode or several moalloc
  * modes separated by commas, replayed in turn in this one process (interleaved, so a slow spell of
@@ -19,7 +24,8 @@
  *   memopt-host-poison  quarantine, canaries and poison (Arena(poison=True): every freed block poisoned)
  *   memopt-device       a device pool (mo_dev_*, what a CUDA arena runs on) with the 16-block quarantine, no
  *                       streams: addresses instead of handles, the heap only
- *   memopt-replay       the same, replaying PLAN from the trace's second step on (the first is the recorded one)
+ *   memopt-replay       the same, replaying PLAN from the trace's second step on (the first is the recorded one);
+ *                       until then the heap places blocks lowest first, as a CUDA arena does before arming
  *   memopt-device-lag, memopt-replay-lag   with stream-ordered frees: a free's marker is done only once 64
  *                       more allocations happened (a GPU running behind the CPU), as fake markers
  * Records of kind 2 mark a training step's beginning: the device modes start a step there and count the
@@ -61,7 +67,10 @@ static int (*p_dev_destroy)(uint64_t);
 static int (*p_dev_alloc)(uint64_t, uint64_t, uint64_t, uint64_t *);
 static int (*p_dev_free)(uint64_t, uint64_t, uint64_t);
 static int (*p_dev_plan)(uint64_t, uint64_t, const uint64_t *, const uint64_t *, uint64_t);
+static int (*p_dev_plan_at)(uint64_t, uint64_t, const uint64_t *, const uint64_t *, uint64_t, const uint64_t *,
+                            const uint64_t *);
 static int (*p_dev_step)(uint64_t);
+static int (*p_dev_set_lowest_first)(uint64_t, int);
 static int (*p_dev_collect)(uint64_t, int);
 static int (*p_dev_stats)(uint64_t, mo_dev_stats_t *);
 static int (*p_dev_arena_stats)(uint64_t, mo_stats_t *);
@@ -150,13 +159,14 @@ static void lag_release(void *ctx, uint64_t marker) { (void)ctx; (void)marker; }
 static const mo_dev_ops LAG_OPS = {NULL, lag_record, lag_query, lag_wait, lag_release, NULL, NULL};
 
 typedef struct {
-    uint64_t count, region_bytes;
-    uint64_t *nbytes, *offsets;
+    uint64_t count, region_bytes, n_regions;
+    uint64_t *nbytes, *offsets, *among, *region_offsets, *region_sizes;
 } plan_file;
 
 typedef struct {
     uint64_t peak_live, peak_reserved, steady_live, steady_reserved, planned, fallbacks, allocs_after_first,
         peak_metadata, peak_spans;
+    int among; /* armed with the layout among the live blocks */
 } dev_figures;
 
 static double replay_device(const record *trace, size_t n, uint64_t handle, uint64_t *addresses, const plan_file *plan,
@@ -164,6 +174,7 @@ static double replay_device(const record *trace, size_t n, uint64_t handle, uint
     int steps = 0;
     uint64_t after_first = 0;
     mo_dev_stats_t st;
+    if (plan) p_dev_set_lowest_first(handle, 1); /* as a CUDA arena does before its replay is armed */
     double t0 = now_ns();
     for (size_t i = 0; i < n; i++) {
         const record *r = &trace[i];
@@ -175,7 +186,13 @@ static double replay_device(const record *trace, size_t n, uint64_t handle, uint
                 fig->peak_reserved = st.peak_reserved_bytes;
                 if (plan) {
                     p_dev_collect(handle, 1);
-                    rc = p_dev_plan(handle, plan->count, plan->nbytes, plan->offsets, plan->region_bytes);
+                    rc = plan->n_regions ? p_dev_plan_at(handle, plan->count, plan->nbytes, plan->among,
+                                                         plan->n_regions, plan->region_offsets, plan->region_sizes)
+                                         : -1;
+                    fig->among = rc == MO_OK;
+                    if (rc != MO_OK)
+                        rc = p_dev_plan(handle, plan->count, plan->nbytes, plan->offsets, plan->region_bytes);
+                    p_dev_set_lowest_first(handle, 0);
                 }
                 p_dev_reset_peaks(handle);
             }
@@ -210,11 +227,20 @@ static double replay_device(const record *trace, size_t n, uint64_t handle, uint
 
 static int read_plan(const char *path, plan_file *plan) {
     FILE *f = fopen(path, "rb");
-    if (!f || fread(&plan->count, 8, 1, f) != 1 || fread(&plan->region_bytes, 8, 1, f) != 1) return -1;
+    if (!f || fread(&plan->count, 8, 1, f) != 1 || fread(&plan->region_bytes, 8, 1, f) != 1 ||
+        fread(&plan->n_regions, 8, 1, f) != 1)
+        return -1;
+    plan->region_offsets = malloc((plan->n_regions + 1) * 8);
+    plan->region_sizes = malloc((plan->n_regions + 1) * 8);
+    for (uint64_t r = 0; r < plan->n_regions; r++)
+        if (fread(&plan->region_offsets[r], 8, 1, f) != 1 || fread(&plan->region_sizes[r], 8, 1, f) != 1) return -1;
     plan->nbytes = malloc(plan->count * 8);
     plan->offsets = malloc(plan->count * 8);
+    plan->among = malloc(plan->count * 8);
     for (uint64_t i = 0; i < plan->count; i++)
-        if (fread(&plan->nbytes[i], 8, 1, f) != 1 || fread(&plan->offsets[i], 8, 1, f) != 1) return -1;
+        if (fread(&plan->nbytes[i], 8, 1, f) != 1 || fread(&plan->offsets[i], 8, 1, f) != 1 ||
+            fread(&plan->among[i], 8, 1, f) != 1)
+            return -1;
     fclose(f);
     return 0;
 }
@@ -249,8 +275,8 @@ static const mo_mode MO_MODES[] = {
 #define MAX_MODES 8
 
 int main(int argc, char **argv) {
-    if (argc != 6 && argc != 7) {
-        fprintf(stderr, "usage: %s LIBRARY TRACE MODES REPEATS CAPACITY_BYTES [PLAN]\n", argv[0]);
+    if (argc < 6 || argc > 8) {
+        fprintf(stderr, "usage: %s LIBRARY TRACE MODES REPEATS CAPACITY_BYTES [PLAN [LAG_PLAN]]\n", argv[0]);
         return 2;
     }
     /* Split MODES at commas; every one carries the +threads suffix or none does. */
@@ -289,8 +315,10 @@ int main(int argc, char **argv) {
     double best[MAX_MODES];
     uint64_t peak_reserved[MAX_MODES] = {0}, peak_metadata[MAX_MODES] = {0}, peak_spans[MAX_MODES] = {0};
     dev_figures figures[MAX_MODES] = {{0}};
-    plan_file plan = {0};
-    if (argc == 7 && read_plan(argv[6], &plan) != 0) return fprintf(stderr, "cannot read the plan %s\n", argv[6]), 1;
+    plan_file plan = {0}, lag_plan = {0};
+    if (argc >= 7 && read_plan(argv[6], &plan) != 0) return fprintf(stderr, "cannot read the plan %s\n", argv[6]), 1;
+    if (argc >= 8 && read_plan(argv[7], &lag_plan) != 0) return fprintf(stderr, "cannot read the plan %s\n", argv[7]), 1;
+    if (argc < 8) lag_plan = plan;
     uint64_t *addresses = calloc(max_id + 1, sizeof(uint64_t));
     for (int m = 0; m < MAX_MODES; m++) best[m] = 1e300;
     if (strcmp(mode, "glibc") == 0) {
@@ -314,7 +342,9 @@ int main(int argc, char **argv) {
         *(void **)&p_dev_alloc = dlsym(lib, "mo_dev_alloc");
         *(void **)&p_dev_free = dlsym(lib, "mo_dev_free");
         *(void **)&p_dev_plan = dlsym(lib, "mo_dev_plan");
+        *(void **)&p_dev_plan_at = dlsym(lib, "mo_dev_plan_at");
         *(void **)&p_dev_step = dlsym(lib, "mo_dev_step");
+        *(void **)&p_dev_set_lowest_first = dlsym(lib, "mo_dev_set_lowest_first");
         *(void **)&p_dev_collect = dlsym(lib, "mo_dev_collect");
         *(void **)&p_dev_stats = dlsym(lib, "mo_dev_stats");
         *(void **)&p_dev_arena_stats = dlsym(lib, "mo_dev_arena_stats");
@@ -342,7 +372,8 @@ int main(int argc, char **argv) {
                                      modes[m]->device == 2 ? &LAG_OPS : NULL, &handle) != MO_OK)
                         return fprintf(stderr, "create: %s\n", p_error()), 1;
                     dev_figures fig = {0};
-                    double t = replay_device(trace, n, handle, addresses, modes[m]->replay ? &plan : NULL, &fig);
+                    double t = replay_device(trace, n, handle, addresses, !modes[m]->replay ? NULL : modes[m]->device == 2 ? &lag_plan : &plan,
+                                             &fig);
                     if (k > 0 && t < best[m]) best[m] = t;
                     figures[m] = fig;
                     peak_reserved[m] = fig.peak_reserved;
@@ -372,11 +403,12 @@ int main(int argc, char **argv) {
         printf("{\"mode\": \"%s%s\", \"ops\": %zu, \"ns_per_op\": %.3f, \"peak_reserved_bytes\": %llu, "
                "\"peak_metadata_bytes\": %llu, \"peak_span_bytes\": %llu, \"peak_live_bytes\": %llu, "
                "\"steady_reserved_bytes\": %llu, \"steady_live_bytes\": %llu, \"planned_allocs\": %llu, "
-               "\"fallback_allocs\": %llu, \"allocs_after_first_step\": %llu}\n",
+               "\"fallback_allocs\": %llu, \"allocs_after_first_step\": %llu, \"layout\": \"%s\"}\n",
                names[m], threads > 0 ? "+threads" : "", n, best[m] / (double)n, (unsigned long long)peak_reserved[m],
                (unsigned long long)peak_metadata[m], (unsigned long long)peak_spans[m], (unsigned long long)f->peak_live,
                (unsigned long long)f->steady_reserved, (unsigned long long)f->steady_live, (unsigned long long)f->planned,
-               (unsigned long long)f->fallbacks, (unsigned long long)f->allocs_after_first);
+               (unsigned long long)f->fallbacks, (unsigned long long)f->allocs_after_first,
+               strstr(names[m], "replay") ? (f->among ? "among" : "region") : "");
     }
     return 0;
 }

@@ -115,14 +115,17 @@ def _placement_order(tensors: Sequence[Tensor], order: str) -> list[int]:
     return sorted(range(n), key=lambda i: (-busiest[i], -tensors[i][0], i))
 
 
-def _greedy_offsets(tensors: Sequence[Tensor], order: str = "size") -> list[int]:
-    """Greedy in ``order`` (see ``_placement_order``), best fit among the tensors already placed that overlap in time."""
+def _greedy_offsets(tensors: Sequence[Tensor], order: str = "size", fixed: Sequence[tuple[int, int]] = ()) -> list[int]:
+    """Greedy in ``order`` (see ``_placement_order``), best fit among the tensors already placed that overlap in
+    time and the ``fixed`` ``(offset, bytes)`` blocks, which occupy their place at every time."""
     n = len(tensors)
-    sizes = np.array([t[0] for t in tensors], dtype=np.int64)
-    starts = np.array([t[1] for t in tensors], dtype=np.int64)
-    ends = np.array([t[2] for t in tensors], dtype=np.int64)
-    offsets = np.zeros(n, dtype=np.int64)
-    placed = np.zeros(n, dtype=bool)
+    first = min((t[1] for t in tensors), default=0) - 1
+    last = max((t[2] for t in tensors), default=0) + 1
+    sizes = np.array([t[0] for t in tensors] + [b for _, b in fixed], dtype=np.int64)
+    starts = np.array([t[1] for t in tensors] + [first] * len(fixed), dtype=np.int64)
+    ends = np.array([t[2] for t in tensors] + [last] * len(fixed), dtype=np.int64)
+    offsets = np.array([0] * n + [o for o, _ in fixed], dtype=np.int64)
+    placed = np.array([False] * n + [True] * len(fixed), dtype=bool)
     for i in _placement_order(tensors, order):
         size = int(sizes[i])
         if size == 0 or ends[i] == starts[i]:
@@ -139,7 +142,7 @@ def _greedy_offsets(tensors: Sequence[Tensor], order: str = "size") -> list[int]
             top = max(top, lo + int(sizes[j]))
         offsets[i] = top if best_offset is None else best_offset
         placed[i] = True
-    return [int(o) for o in offsets]
+    return [int(o) for o in offsets[:n]]
 
 
 def _exact_offsets(tensors: Sequence[Tensor], upper_bytes: int, warm: Sequence[int],
@@ -186,7 +189,8 @@ def _valid(tensors: Sequence[Tensor], offsets: Sequence[int]) -> bool:
 
 
 def plan_layout(tensors: Sequence[Tensor], *, exact_max_tensors: int = 12, time_limit_s: float = 5.0,
-                labels: Sequence[str] | None = None, order: str = "size") -> Layout:
+                labels: Sequence[str] | None = None, order: str = "size",
+                fixed: Sequence[tuple[int, int]] = ()) -> Layout:
     """Offsets for tensors with lifetimes: greedy by size, exact MIP on tiny instances.
 
     Args:
@@ -198,6 +202,8 @@ def plan_layout(tensors: Sequence[Tensor], *, exact_max_tensors: int = 12, time_
         order (str, default "size"): the greedy's placement order: ``"size"`` (largest first), ``"start"``
             (by birth) or ``"peak"`` (those alive at the busiest moment first); none wins on every instance,
             so a caller that can afford it tries each.
+        fixed (Sequence[tuple[int, int]], default ()): ``(offset, bytes)`` blocks that hold their place at every
+            time (memory alive before and after the tensors): the tensors are laid out around them, greedily.
 
     Returns:
         Layout: offsets, arena, lower bound and gap (method ``"greedy-by-<order>"``, or ``"mip"``).
@@ -217,10 +223,10 @@ def plan_layout(tensors: Sequence[Tensor], *, exact_max_tensors: int = 12, time_
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     bound = lower_bound_bytes(items)
-    offsets = _greedy_offsets(items, order)
+    offsets = _greedy_offsets(items, order, fixed)
     arena = _arena(items, offsets)
     method = f"greedy-by-{order}"
-    if arena > bound and 0 < len(items) <= exact_max_tensors:
+    if arena > bound and 0 < len(items) <= exact_max_tensors and not fixed:
         exact = _exact_offsets(items, arena, offsets, time_limit_s)
         if exact is not None and _valid(items, exact) and _arena(items, exact) < arena:
             offsets, arena, method = exact, _arena(items, exact), "mip"
@@ -228,7 +234,8 @@ def plan_layout(tensors: Sequence[Tensor], *, exact_max_tensors: int = 12, time_
 
 
 def plan_layout_blocks(block_tensors: Sequence[Tensor], n_blocks: int, *, block_duration: int | None = None,
-                       step_tensors: Sequence[Tensor] = (), exact_max_tensors: int = 12) -> Layout:
+                       step_tensors: Sequence[Tensor] = (), exact_max_tensors: int = 12,
+                       fixed: Sequence[tuple[int, int]] = ()) -> Layout:
     """Bi-level layout for a block repeated ``n_blocks`` times back to back, plus the step's other tensors.
 
     Level 1 lays out one block's tensors (lifetimes local to the block) once; every copy of the block
@@ -244,6 +251,8 @@ def plan_layout_blocks(block_tensors: Sequence[Tensor], n_blocks: int, *, block_
             latest end among ``block_tensors``.
         step_tensors (Sequence[tuple[int, int, int]], default ()): other tensors, global times.
         exact_max_tensors (int, default 12): as in ``plan_layout``, for each level.
+        fixed (Sequence[tuple[int, int]], default ()): as in ``plan_layout``, for level 2 (block copies and
+            step tensors are placed around them).
 
     Returns:
         Layout: every tensor expanded (blocks first, in order, then ``step_tensors``), method ``"bi-level"``.
@@ -262,7 +271,7 @@ def plan_layout_blocks(block_tensors: Sequence[Tensor], n_blocks: int, *, block_
     level1 = plan_layout(block, exact_max_tensors=exact_max_tensors)
     others = _check(step_tensors)
     pseudo = [(level1.arena_bytes, i * duration, (i + 1) * duration) for i in range(n_blocks)] + others
-    level2 = plan_layout(pseudo, exact_max_tensors=exact_max_tensors)
+    level2 = plan_layout(pseudo, exact_max_tensors=exact_max_tensors, fixed=fixed)
     tensors: list[Tensor] = []
     offsets: list[int] = []
     for i in range(n_blocks):

@@ -90,7 +90,7 @@ lib = _lib.library()
 driver = ctypes.CDLL("libcuda.so.1")
 backend = pools.cuda_allocator("8MiB", quarantine=0)
 backend.install()
-out = {"calls": calls, "installed": backend.installed}
+out = {"calls": calls, "installed": backend.installed, "lowest_first": [backend.device_stats().lowest_first]}
 malloc, free = lib.mo_cuda_malloc, lib.mo_cuda_free
 S = ctypes.c_void_p(0x77)
 big = malloc(16 << 20, 0, S)  # larger than the region: process-wide, so the driver lends it
@@ -110,6 +110,7 @@ for _ in range(5):  # one warm-up, one recorded, three replayed
     with backend.step():
         step()
 stats = backend.device_stats()
+out["lowest_first"].append(stats.lowest_first)
 out["planned"], out["fallbacks"], out["steps"] = stats.planned_allocs, stats.fallback_allocs, stats.replay_steps
 out["method"] = backend.replay_plan.method
 backend.restart_replay()  # another workload: heap, record, replay again
@@ -135,6 +136,7 @@ def test_the_python_backend_with_a_fake_driver(fake_driver):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["calls"] == [["pluggable", "mo_cuda_malloc", "mo_cuda_free"], ["change", "FakePluggable"]]
     assert out["installed"] and out["overflow"]
+    assert out["lowest_first"] == [1, 0]  # lowest first from install until the replay was armed
     assert out["memory_stats"]["allocated_bytes.all.current"] == 1 << 20
     assert out["max_memory_allocated"] == 1 << 20
     assert out["planned"] == 9 and out["fallbacks"] == 0 and out["steps"] == 3
@@ -196,6 +198,9 @@ def test_step_needs_an_installed_arena(backend):
 def test_step_records_replays_and_records_again_for_another_shape(backend, monkeypatch):
     monkeypatch.setitem(pcuda._installed, 0, backend)
     pool = backend._pool
+    placement: list[bool] = []  # the heap's lowest-first setting, as each step (and each arming) left it
+    set_lowest_first = pool.set_lowest_first
+    monkeypatch.setattr(pool, "set_lowest_first", lambda on: (placement.append(on), set_lowest_first(on)))
 
     def run(sizes):
         blocks = [pool.alloc(n, stream=5) for n in sizes]
@@ -212,6 +217,10 @@ def test_step_records_replays_and_records_again_for_another_shape(backend, monke
         with backend.step():
             run([300_000, 700_000])
     assert backend.replay_plan is not None and pool.stats().planned_allocs == 2
+    assert backend.replay_plan.regions  # laid out among the blocks alive when it was armed
+    # Lowest first on the heap for the warm-up and the recorded steps (twice: the first recording raised),
+    # off once armed, and off while replaying.
+    assert placement == [True, True, True, False, False], placement
     with backend.step():  # another shape: nothing matches, so the next step is recorded again
         run([123_456, 654_321])
     assert backend.replay_plan is None

@@ -349,11 +349,10 @@ static inline __attribute__((always_inline)) void commit_used(mo_arena *a, uint3
     *serial = n->serial;
 }
 
-/* Cut a used block of span bytes for nbytes at the first multiple of align in free node idx (poisoned memory
- * verified first); nothing changes unless MO_OK. */
-static inline int place(mo_arena *a, uint32_t idx, uint64_t nbytes, uint64_t span, uint64_t align, uint64_t *offset,
-                        uint64_t *span_out, uint64_t *serial) {
-    uint64_t start = mo_round_up(a->nodes[idx].offset, align);
+/* Cut a used block of span bytes for nbytes at start in free node idx (poisoned memory verified first);
+ * nothing changes unless MO_OK. */
+static inline int place_at(mo_arena *a, uint32_t idx, uint64_t start, uint64_t nbytes, uint64_t span, uint64_t *offset,
+                           uint64_t *span_out, uint64_t *serial) {
     if (poison_on(a)) {
         int rc = verify_poison(a, start, span);
         if (rc != MO_OK) return rc;
@@ -364,6 +363,12 @@ static inline int place(mo_arena *a, uint32_t idx, uint64_t nbytes, uint64_t spa
     mo_core_hash_insert(a, idx);
     commit_used(a, idx, nbytes, offset, span_out, serial);
     return MO_OK;
+}
+
+/* place_at the first multiple of align in free node idx. */
+static inline int place(mo_arena *a, uint32_t idx, uint64_t nbytes, uint64_t span, uint64_t align, uint64_t *offset,
+                        uint64_t *span_out, uint64_t *serial) {
+    return place_at(a, idx, mo_round_up(a->nodes[idx].offset, align), nbytes, span, offset, span_out, serial);
 }
 
 /* One attempt without releasing anything (the caller tried the slot cache): a free slot of one of the
@@ -482,6 +487,50 @@ int mo_arena_alloc_lowest(mo_arena *a, uint64_t nbytes, uint64_t alignment, uint
         return mo_fail(MO_E_EXHAUSTED, "no free run of %llu bytes at alignment %llu (free %llu of %llu bytes)", (ull)nbytes,
                        (ull)alignment, (ull)(a->capacity - a->st.allocated_bytes - a->st.quarantined_bytes), (ull)a->capacity);
     return place(a, idx, nbytes, span, align, offset, span_out, serial);
+}
+
+/* As mo_arena_alloc_lowest, at exactly offset (a multiple of the granule), which must lie in one free block
+ * once the held-back blocks are released: a device pool's planned ranges, laid out among the live blocks. */
+int mo_arena_alloc_at(mo_arena *a, uint64_t offset, uint64_t nbytes, uint64_t *span_out, uint64_t *serial) {
+    if (nbytes == 0 || offset % MO_GRANULE_BYTES)
+        return mo_fail(MO_E_INVALID_ARG, "%llu bytes at offset %llu: ask for at least 1 byte at a multiple of %llu",
+                       (ull)nbytes, (ull)offset, (ull)MO_GRANULE_BYTES);
+    uint64_t span = mo_round_up(nbytes + (canaries_on(a) ? MO_CANARY_MIN_BYTES : 0), MO_GRANULE_BYTES);
+    if (offset > a->capacity || span > a->capacity - offset)
+        return mo_fail(MO_E_EXHAUSTED, "%llu bytes at offset %llu end past the capacity of %llu bytes", (ull)nbytes,
+                       (ull)offset, (ull)a->capacity);
+    if (a->q_count) flush_held(a);
+    for (uint32_t i = a->phys_head; i != MO_NIL; i = a->nodes[i].next_phys) {
+        const mo_node *n = &a->nodes[i];
+        if (n->offset + n->size <= offset) continue;
+        if (n->state != MO_STATE_FREE || n->offset > offset || offset + span > n->offset + n->size) break;
+        uint64_t at;
+        return place_at(a, i, offset, nbytes, span, &at, span_out, serial);
+    }
+    return mo_fail(MO_E_EXHAUSTED, "[%llu, +%llu) is not free: a live or held block overlaps it", (ull)offset, (ull)span);
+}
+
+/* The free runs, by offset, once the held-back blocks are released: up to cap of them in offsets/sizes,
+ * *count all of them (call again with room for *count when it exceeds cap). */
+int mo_arena_free_runs(mo_arena *a, uint64_t cap, uint64_t *offsets, uint64_t *sizes, uint64_t *count) {
+    if (a->q_count) flush_held(a);
+    uint64_t k = 0;
+    for (uint32_t i = a->phys_head; i != MO_NIL;) {
+        if (a->nodes[i].state != MO_STATE_FREE) {
+            i = a->nodes[i].next_phys;
+            continue;
+        }
+        uint64_t begin = a->nodes[i].offset, end = begin;
+        for (; i != MO_NIL && a->nodes[i].state == MO_STATE_FREE; i = a->nodes[i].next_phys)
+            end = a->nodes[i].offset + a->nodes[i].size;
+        if (k < cap) {
+            offsets[k] = begin;
+            sizes[k] = end - begin;
+        }
+        k++;
+    }
+    *count = k;
+    return MO_OK;
 }
 
 /* End of the highest block that is not free (live, held back or a slab): the part of the region in use. */

@@ -322,16 +322,23 @@ static int reuse_pending(mo_dev *d, uint64_t nbytes, uint64_t stream, uint64_t *
     return 0;
 }
 
+/* A heap block: the arena's own placement, or the lowest address that fits (lowest_first: the steps before a
+ * replay is armed, so that what they leave alive packs low and a layout among it has no high block to clear). */
+static int place(mo_dev *d, uint64_t nbytes, uint64_t *offset, uint64_t *span, uint64_t *serial) {
+    if (d->lowest_first) return mo_arena_alloc_lowest(d->arena, nbytes, d->alignment, offset, span, serial);
+    return mo_arena_alloc(d->arena, nbytes, d->alignment, offset, span, serial, NULL);
+}
+
 static int heap_alloc(mo_dev *d, uint64_t nbytes, uint64_t stream, uint64_t *address) {
     if (d->st.pending_blocks && reuse_pending(d, nbytes, stream, address)) return MO_OK;
     uint64_t offset, span, serial;
-    int rc = mo_arena_alloc(d->arena, nbytes, d->alignment, &offset, &span, &serial, NULL);
+    int rc = place(d, nbytes, &offset, &span, &serial);
     if (rc == MO_E_EXHAUSTED && d->st.pending_blocks) {
         /* Room may come back from pending frees: mark them all, then wait for the oldest until it fits. */
         seal_all(d);
         for (;;) {
             collect(d);
-            rc = mo_arena_alloc(d->arena, nbytes, d->alignment, &offset, &span, &serial, NULL);
+            rc = place(d, nbytes, &offset, &span, &serial);
             if (rc != MO_E_EXHAUSTED || !wait_oldest(d)) break;
         }
     }

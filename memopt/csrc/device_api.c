@@ -217,6 +217,27 @@ MO_API int mo_dev_plan(uint64_t handle, uint64_t count, const uint64_t *nbytes, 
     WITH_DEV(handle, mo_replay_plan(d, count, nbytes, offsets, region_bytes));
 }
 
+MO_API int mo_dev_plan_at(uint64_t handle, uint64_t count, const uint64_t *nbytes, const uint64_t *offsets,
+                          uint64_t n_regions, const uint64_t *region_offsets, const uint64_t *region_bytes) {
+    WITH_DEV(handle, mo_replay_plan_at(d, count, nbytes, offsets, n_regions, region_offsets, region_bytes));
+}
+
+static int dev_free_runs(mo_dev *d, uint64_t cap, uint64_t *offsets, uint64_t *sizes, uint64_t *count) {
+    int rc = mo_dev_do_collect(d, 1);
+    return rc != MO_OK ? rc : mo_arena_free_runs(d->arena, cap, offsets, sizes, count);
+}
+
+MO_API int mo_dev_free_runs(uint64_t handle, uint64_t cap, uint64_t *offsets, uint64_t *sizes, uint64_t *count) {
+    WITH_DEV(handle, dev_free_runs(d, cap, offsets, sizes, count));
+}
+
+static int dev_set_lowest_first(mo_dev *d, int on) {
+    d->lowest_first = on != 0;
+    return MO_OK;
+}
+
+MO_API int mo_dev_set_lowest_first(uint64_t handle, int on) { WITH_DEV(handle, dev_set_lowest_first(d, on)); }
+
 MO_API int mo_dev_unplan(uint64_t handle) { WITH_DEV(handle, mo_replay_unplan(d)); }
 
 static int dev_step(mo_dev *d) {
@@ -306,7 +327,7 @@ static int dev_check(mo_dev *d) {
     if (rc != MO_OK) return rc;
     mo_stats_t as;
     mo_arena_stats(d->arena, &as);
-    uint64_t region = d->plan.armed ? d->plan.region_bytes : 0, overflow_live = 0;
+    uint64_t region = d->plan.region_total, overflow_live = 0;
     for (uint64_t j = 0; d->overflow_map.keys && j < ((uint64_t)1 << d->overflow_map.bits); j++)
         if (d->overflow_map.keys[j]) overflow_live += d->overflow_map.vals[j];
     if (overflow_live != d->st.overflow_bytes) BROKEN("%llu overflow bytes counted, %llu held", (ull)d->st.overflow_bytes, (ull)overflow_live);
@@ -325,8 +346,9 @@ MO_API int mo_dev_check(uint64_t handle) { WITH_DEV(handle, dev_check(d)); }
 static int dev_stats(mo_dev *d, mo_dev_stats_t *out) {
     *out = d->st;
     out->reserved_bytes = mo_arena_extent(d->arena) + d->st.overflow_bytes;
-    out->plan_bytes = d->plan.armed ? d->plan.region_bytes : 0;
+    out->plan_bytes = d->plan.region_total;
     out->plan_positions = d->plan.armed ? d->plan.count : 0;
+    out->lowest_first = (uint64_t)d->lowest_first;
     return MO_OK;
 }
 

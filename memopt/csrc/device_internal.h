@@ -73,7 +73,7 @@ typedef struct mo_trace_rec {
  * allocation overlaps it, which takes it at once on the freeing stream, on another once the markers are done
  * (without ops at once: it stays only so that a second free of it is named a double free). */
 typedef struct mo_range {
-    uint64_t offset;  /* in the region */
+    uint64_t offset;  /* in the pool (regions hold them) */
     uint64_t span;    /* the bytes asked for, rounded up to the alignment */
     uint64_t nbytes;  /* the same (what the pool counts as live) */
     uint64_t stream;  /* freeing stream (freed ranges) */
@@ -88,9 +88,11 @@ typedef struct mo_plan {
     int armed;
     uint64_t count;           /* positions */
     uint64_t *nbytes;         /* per position */
-    uint64_t *offsets;        /* per position, MO_UNPLANNED for the heap's */
-    uint64_t region_bytes;
-    uint64_t region_offset;   /* of the region's block in the heap arena */
+    uint64_t *offsets;        /* per position, in the pool; MO_UNPLANNED for the heap's */
+    uint64_t n_regions;       /* heap blocks reserved for the plan, sorted by offset, disjoint */
+    uint64_t *region_offsets; /* in the pool */
+    uint64_t *region_bytes;
+    uint64_t region_total;    /* bytes of all regions */
     uint64_t cursor;          /* the position the next allocation should be */
     mo_range *ranges;         /* sorted by offset, disjoint */
     uint64_t n_ranges, range_cap;
@@ -128,6 +130,7 @@ typedef struct mo_dev {
     mo_plan plan;
 
     uint64_t heap_live_bytes;     /* requested bytes of live heap blocks (not pending) */
+    int lowest_first;             /* heap blocks at the lowest address that fits (mo_dev_set_lowest_first) */
     uint64_t peak_extent;         /* highest region end in use since the last reset */
     mo_dev_stats_t st;
 } mo_dev;
@@ -167,6 +170,8 @@ int mo_replay_alloc(mo_dev *d, uint64_t nbytes, uint64_t stream, uint64_t *addre
 int mo_replay_free(mo_dev *d, uint64_t address, uint64_t stream, uint64_t *nbytes);
 int mo_replay_record_stream(mo_dev *d, uint64_t address, int *found);
 int mo_replay_plan(mo_dev *d, uint64_t count, const uint64_t *nbytes, const uint64_t *offsets, uint64_t region_bytes);
+int mo_replay_plan_at(mo_dev *d, uint64_t count, const uint64_t *nbytes, const uint64_t *offsets, uint64_t n_regions,
+                      const uint64_t *region_offsets, const uint64_t *region_bytes);
 int mo_replay_unplan(mo_dev *d);
 int mo_replay_check(const mo_dev *d);
 void mo_replay_free_all(mo_dev *d);

@@ -198,6 +198,7 @@ typedef struct mo_dev_stats {
     uint64_t stream_conflicts;     /* fallbacks because the planned range waited for another stream's work */
     uint64_t recorded_allocs;      /* allocations in the last recorded step */
     uint64_t recording;            /* 1 while a step is being recorded */
+    uint64_t lowest_first;         /* 1 while the heap places blocks lowest first (mo_dev_set_lowest_first) */
 } mo_dev_stats_t;
 
 MO_API size_t mo_dev_stats_size(void);
@@ -227,7 +228,20 @@ MO_API int mo_dev_trace(uint64_t handle, uint64_t count, uint64_t *nbytes, uint6
  * free; MO_UNPLANNED leaves a position to the heap. */
 MO_API int mo_dev_plan(uint64_t handle, uint64_t count, const uint64_t *nbytes, const uint64_t *offsets,
                        uint64_t region_bytes);
-/* Disarms replay and gives the region back (fails while a planned block is live). */
+/* The heap's free runs, by offset, once every pending free is done (waits for them) and the held-back
+ * blocks are released: up to cap (offset, size) pairs, *count all of them. What a layout among the blocks
+ * alive now (mo_dev_plan_at) must avoid is the rest. */
+MO_API int mo_dev_free_runs(uint64_t handle, uint64_t cap, uint64_t *offsets, uint64_t *sizes, uint64_t *count);
+/* As mo_dev_plan, with offsets in the pool inside n_regions regions (sorted, disjoint, multiples of the
+ * alignment) that must be free in the heap now: each is reserved at its place, so a layout can fill the
+ * gaps between the blocks alive when it is armed instead of a region above them. */
+MO_API int mo_dev_plan_at(uint64_t handle, uint64_t count, const uint64_t *nbytes, const uint64_t *offsets,
+                          uint64_t n_regions, const uint64_t *region_offsets, const uint64_t *region_bytes);
+/* With on != 0 the heap places each block at the lowest address that fits (O(blocks) an allocation, no slab
+ * slots): for the steps before a replay is armed, so that the blocks they leave alive (optimizer state, say)
+ * pack low instead of wherever a best fit found room, and the layout among them reserves little above. */
+MO_API int mo_dev_set_lowest_first(uint64_t handle, int on);
+/* Disarms replay and gives the regions back (fails while a planned block is live). */
 MO_API int mo_dev_unplan(uint64_t handle);
 /* A step begins: the next allocation is the plan's first. */
 MO_API int mo_dev_step(uint64_t handle);

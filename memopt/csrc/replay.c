@@ -1,7 +1,8 @@
 /*
  * Record and replay (MEMO) for device pools: one step's allocations are recorded (bytes and lifetime in
- * events), laid out offline into one region (Python: planners/layout.py), and the following steps'
- * allocations are served at the planned offsets.
+ * events), laid out offline (Python: planners/layout.py), either into one region carved wherever the heap
+ * has room or among the blocks alive when the plan is armed (the regions are then the free runs between
+ * them that the layout uses), and the following steps' allocations are served at the planned offsets.
  *
  * Replay never trusts the plan for safety. Each position is served at its offset only when it asks for the
  * plan's bytes (a few positions ahead are tried, so one inserted or missing allocation does not end the
@@ -163,25 +164,37 @@ int mo_replay_alloc(mo_dev *d, uint64_t nbytes, uint64_t stream, uint64_t *addre
     if (has_right) at[1] = right;
     p->live_bytes += span;
     d->st.planned_allocs++;
-    *address = d->base_address + p->region_offset + offset;
+    *address = d->base_address + offset;
     return 1;
 }
 
-/* The index of the range starting at address, or n_ranges; -1 when address is outside the region. */
+/* The region holding pool offset x, or n_regions. */
+static uint64_t region_of(const mo_plan *p, uint64_t x) {
+    uint64_t lo = 0, hi = p->n_regions;
+    while (lo < hi) { /* the first region that ends above x */
+        uint64_t mid = lo + (hi - lo) / 2;
+        if (p->region_offsets[mid] + p->region_bytes[mid] <= x) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo < p->n_regions && p->region_offsets[lo] <= x ? lo : p->n_regions;
+}
+
+/* The index of the range starting at address, or n_ranges; -1 when address is in no region of the plan. */
 static int64_t range_at(const mo_dev *d, uint64_t address) {
     const mo_plan *p = &d->plan;
-    uint64_t lo = d->base_address + p->region_offset;
-    if (address < lo || address - lo >= p->region_bytes) return -1;
-    uint64_t k = first_after(p, address - lo);
-    return (k < p->n_ranges && p->ranges[k].offset == address - lo) ? (int64_t)k : (int64_t)p->n_ranges;
+    if (address < d->base_address || region_of(p, address - d->base_address) == p->n_regions) return -1;
+    uint64_t x = address - d->base_address, k = first_after(p, x);
+    return (k < p->n_ranges && p->ranges[k].offset == x) ? (int64_t)k : (int64_t)p->n_ranges;
 }
 
 static int not_planned(const mo_dev *d, uint64_t address, int64_t k) {
-    if (k < (int64_t)d->plan.n_ranges && !d->plan.ranges[k].piece)
+    const mo_plan *p = &d->plan;
+    if (k < (int64_t)p->n_ranges && !p->ranges[k].piece)
         return mo_fail(MO_E_DOUBLE_FREE, "planned block at 0x%llx (%llu bytes) was already freed", (ull)address,
-                       (ull)d->plan.ranges[k].nbytes);
+                       (ull)p->ranges[k].nbytes);
+    uint64_t r = region_of(p, address - d->base_address);
     return mo_fail(MO_E_INVALID_FREE, "address 0x%llx is inside the planned region [0x%llx, +%llu) but starts no live "
-                   "planned block", (ull)address, (ull)(d->base_address + d->plan.region_offset), (ull)d->plan.region_bytes);
+                   "planned block", (ull)address, (ull)(d->base_address + p->region_offsets[r]), (ull)p->region_bytes[r]);
 }
 
 /* Record and wait for a marker at once, without host memory (a marker record could not be had). */
@@ -227,48 +240,116 @@ int mo_replay_record_stream(mo_dev *d, uint64_t address, int *found) {
 
 /* -- arming -------------------------------------------------------------------------------------------- */
 
-int mo_replay_plan(mo_dev *d, uint64_t count, const uint64_t *nbytes, const uint64_t *offsets, uint64_t region_bytes) {
-    if (d->recording) return mo_fail(MO_E_INVALID_ARG, "a step is being recorded; end the recording before planning");
-    if (d->plan.armed) return mo_fail(MO_E_INVALID_ARG, "a plan is armed already; unplan it first");
+/* Positions against regions (sorted, disjoint): each planned one aligned and inside one region. */
+static int check_positions(const mo_dev *d, const mo_plan *p, const uint64_t *nbytes, const uint64_t *offsets) {
+    for (uint64_t i = 0; i < p->count; i++) {
+        if (nbytes[i] == 0)
+            return mo_fail(MO_E_INVALID_ARG, "position %llu asks for 0 bytes; give at least 1", (ull)i);
+        if (offsets[i] == MO_UNPLANNED) continue;
+        uint64_t span = mo_round_up(nbytes[i], d->alignment), r = region_of(p, offsets[i]);
+        if (offsets[i] % d->alignment || r == p->n_regions || span > p->region_bytes[r] ||
+            offsets[i] - p->region_offsets[r] > p->region_bytes[r] - span)
+            return mo_fail(MO_E_INVALID_ARG, "position %llu: offset %llu with %llu bytes is not aligned to %llu or ends past "
+                           "the region of the plan it starts in (or starts in none)", (ull)i, (ull)offsets[i], (ull)nbytes[i], (ull)d->alignment);
+    }
+    return MO_OK;
+}
+
+static void drop_plan(mo_plan *p) {
+    free(p->nbytes);
+    free(p->offsets);
+    free(p->ranges);
+    free(p->region_offsets);
+    free(p->region_bytes);
+    memset(p, 0, sizeof(*p));
+}
+
+/* A plan of count positions over n_regions regions, its arrays allocated and copied (offsets as given) and its
+ * positions checked against the regions; nothing is left allocated unless MO_OK. */
+static int new_plan(const mo_dev *d, mo_plan *p, uint64_t count, const uint64_t *nbytes, const uint64_t *offsets,
+                    uint64_t n_regions, const uint64_t *region_offsets, const uint64_t *region_bytes) {
     if (count == 0 || count >= MO_NIL)
         return mo_fail(MO_E_INVALID_ARG, "a plan of %llu positions; give between 1 and %u", (ull)count, MO_NIL - 1);
+    memset(p, 0, sizeof(*p));
+    p->nbytes = malloc(count * sizeof(uint64_t));
+    p->offsets = malloc(count * sizeof(uint64_t));
+    p->ranges = malloc(count * sizeof(mo_range));
+    p->region_offsets = malloc(n_regions * sizeof(uint64_t));
+    p->region_bytes = malloc(n_regions * sizeof(uint64_t));
+    if (!p->nbytes || !p->offsets || !p->ranges || !p->region_offsets || !p->region_bytes) {
+        drop_plan(p);
+        return mo_fail(MO_E_NOMEM, "no host memory for a plan of %llu positions", (ull)count);
+    }
+    memcpy(p->nbytes, nbytes, count * sizeof(uint64_t));
+    memcpy(p->offsets, offsets, count * sizeof(uint64_t));
+    memcpy(p->region_offsets, region_offsets, n_regions * sizeof(uint64_t));
+    memcpy(p->region_bytes, region_bytes, n_regions * sizeof(uint64_t));
+    p->count = p->range_cap = count;
+    p->n_regions = n_regions;
+    int rc = check_positions(d, p, nbytes, offsets);
+    if (rc != MO_OK) drop_plan(p);
+    return rc;
+}
+
+static int can_arm(const mo_dev *d) {
+    if (d->recording) return mo_fail(MO_E_INVALID_ARG, "a step is being recorded; end the recording before planning");
+    if (d->plan.armed) return mo_fail(MO_E_INVALID_ARG, "a plan is armed already; unplan it first");
+    return MO_OK;
+}
+
+static void arm(mo_dev *d, mo_plan *p) {
+    p->armed = 1;
+    for (uint64_t r = 0; r < p->n_regions; r++) {
+        p->region_total += p->region_bytes[r];
+        mo_dev_note_extent(d, p->region_offsets[r] + p->region_bytes[r]);
+    }
+    d->plan = *p;
+}
+
+int mo_replay_plan(mo_dev *d, uint64_t count, const uint64_t *nbytes, const uint64_t *offsets, uint64_t region_bytes) {
+    int rc = can_arm(d);
+    if (rc != MO_OK) return rc;
     if (region_bytes == 0 || region_bytes % d->alignment || region_bytes > d->capacity)
         return mo_fail(MO_E_INVALID_ARG, "region_bytes %llu must be a positive multiple of the alignment %llu, at most the "
                        "capacity %llu", (ull)region_bytes, (ull)d->alignment, (ull)d->capacity);
-    for (uint64_t i = 0; i < count; i++) {
-        if (nbytes[i] == 0 || nbytes[i] > region_bytes) {
-            if (nbytes[i] && offsets[i] == MO_UNPLANNED) continue;
-            return mo_fail(MO_E_INVALID_ARG, "position %llu asks for %llu bytes; give 1 to the region's %llu", (ull)i,
-                           (ull)nbytes[i], (ull)region_bytes);
-        }
-        if (offsets[i] != MO_UNPLANNED &&
-            (offsets[i] % d->alignment || offsets[i] > region_bytes - mo_round_up(nbytes[i], d->alignment)))
-            return mo_fail(MO_E_INVALID_ARG, "position %llu: offset %llu with %llu bytes is not aligned to %llu or ends past "
-                           "the region of %llu bytes", (ull)i, (ull)offsets[i], (ull)nbytes[i], (ull)d->alignment,
-                           (ull)region_bytes);
-    }
-    mo_plan p = {0};
-    p.nbytes = malloc(count * sizeof(uint64_t));
-    p.offsets = malloc(count * sizeof(uint64_t));
-    p.range_cap = count;
-    p.ranges = malloc(count * sizeof(mo_range));
-    int rc = (p.nbytes && p.offsets && p.ranges) ? MO_OK : mo_fail(MO_E_NOMEM, "no host memory for a plan of %llu positions",
-                                                                   (ull)count);
+    mo_plan p;
+    const uint64_t at_start = 0; /* the layout's offsets are in the region until it is placed */
+    if ((rc = new_plan(d, &p, count, nbytes, offsets, 1, &at_start, &region_bytes)) != MO_OK) return rc;
     uint64_t span, serial;
-    if (rc == MO_OK) rc = mo_arena_alloc_lowest(d->arena, region_bytes, d->alignment, &p.region_offset, &span, &serial);
-    if (rc != MO_OK) {
-        free(p.nbytes);
-        free(p.offsets);
-        free(p.ranges);
+    if ((rc = mo_arena_alloc_lowest(d->arena, region_bytes, d->alignment, &p.region_offsets[0], &span, &serial)) != MO_OK) {
+        drop_plan(&p);
         return rc;
     }
-    memcpy(p.nbytes, nbytes, count * sizeof(uint64_t));
-    memcpy(p.offsets, offsets, count * sizeof(uint64_t));
-    p.count = count;
-    p.region_bytes = region_bytes;
-    p.armed = 1;
-    d->plan = p;
-    mo_dev_note_extent(d, p.region_offset + span);
+    for (uint64_t i = 0; i < count; i++) /* the layout's offsets are in the region; the pool's are absolute */
+        if (p.offsets[i] != MO_UNPLANNED) p.offsets[i] += p.region_offsets[0];
+    arm(d, &p);
+    return MO_OK;
+}
+
+int mo_replay_plan_at(mo_dev *d, uint64_t count, const uint64_t *nbytes, const uint64_t *offsets, uint64_t n_regions,
+                      const uint64_t *region_offsets, const uint64_t *region_bytes) {
+    int rc = can_arm(d);
+    if (rc != MO_OK) return rc;
+    if (n_regions == 0 || n_regions >= MO_NIL)
+        return mo_fail(MO_E_INVALID_ARG, "%llu regions; give between 1 and %u", (ull)n_regions, MO_NIL - 1);
+    for (uint64_t r = 0; r < n_regions; r++)
+        if (region_bytes[r] == 0 || region_bytes[r] % d->alignment || region_offsets[r] % d->alignment ||
+            region_offsets[r] > d->capacity || region_bytes[r] > d->capacity - region_offsets[r] ||
+            (r && region_offsets[r] < region_offsets[r - 1] + region_bytes[r - 1]))
+            return mo_fail(MO_E_INVALID_ARG, "region %llu [%llu, +%llu): regions must be multiples of the alignment %llu, "
+                           "sorted, disjoint and inside the capacity %llu", (ull)r, (ull)region_offsets[r],
+                           (ull)region_bytes[r], (ull)d->alignment, (ull)d->capacity);
+    mo_plan p;
+    if ((rc = new_plan(d, &p, count, nbytes, offsets, n_regions, region_offsets, region_bytes)) != MO_OK) return rc;
+    uint64_t r = 0, span, serial;
+    for (; r < n_regions && rc == MO_OK; r++)
+        rc = mo_arena_alloc_at(d->arena, region_offsets[r], region_bytes[r], &span, &serial);
+    if (rc != MO_OK) { /* the heap changed since the layout saw it: give back what was reserved */
+        for (uint64_t k = 0; k + 1 < r; k++) mo_dev_heap_free_now(d, region_offsets[k]);
+        drop_plan(&p);
+        return rc;
+    }
+    arm(d, &p);
     return MO_OK;
 }
 
@@ -281,7 +362,7 @@ int mo_replay_unplan(mo_dev *d) {
         return mo_fail(MO_E_INVALID_ARG, "%llu planned blocks (%llu bytes) are live; free them before unplanning", (ull)live,
                        (ull)p->live_bytes);
     }
-    /* The region goes back to the heap, where any stream may get it: every use of it must be done. */
+    /* The regions go back to the heap, where any stream may get them: every use of them must be done. */
     for (uint64_t k = 0; k < p->n_ranges && d->has_ops; k++) {
         mo_range *g = &p->ranges[k];
         if (g->marker) mo_dev_marker_wait(d, g->marker);
@@ -289,11 +370,8 @@ int mo_replay_unplan(mo_dev *d) {
         for (uint32_t j = 0; j < g->n_extra; j++) mo_dev_marker_wait(d, g->extra[j]);
         range_unref(d, g);
     }
-    mo_dev_heap_free_now(d, p->region_offset);
-    free(p->nbytes);
-    free(p->offsets);
-    free(p->ranges);
-    memset(p, 0, sizeof(*p));
+    for (uint64_t r = 0; r < p->n_regions; r++) mo_dev_heap_free_now(d, p->region_offsets[r]);
+    drop_plan(p);
     return MO_OK;
 }
 
@@ -309,9 +387,10 @@ int mo_replay_check(const mo_dev *d) {
     uint64_t end = 0, live = 0, nbytes, span;
     for (uint64_t k = 0; k < p->n_ranges; k++) {
         const mo_range *g = &p->ranges[k];
-        if ((k && g->offset < end) || g->offset % d->alignment || g->span != g->nbytes ||
-            !g->nbytes || g->offset + g->span > p->region_bytes)
-            BROKEN("range %llu [%llu, +%llu) overlaps the one before it or leaves the region", (ull)k, (ull)g->offset,
+        uint64_t r = region_of(p, g->offset);
+        if ((k && g->offset < end) || g->offset % d->alignment || g->span != g->nbytes || !g->nbytes ||
+            r == p->n_regions || g->offset + g->span > p->region_offsets[r] + p->region_bytes[r])
+            BROKEN("range %llu [%llu, +%llu) overlaps the one before it or leaves its region", (ull)k, (ull)g->offset,
                    (ull)g->span);
         if (!d->has_ops && (g->marker || g->n_extra)) BROKEN("range %llu has markers in a pool without ops", (ull)k);
         if (g->piece && !g->freed) BROKEN("range %llu is a live piece", (ull)k);
@@ -320,16 +399,21 @@ int mo_replay_check(const mo_dev *d) {
     }
     if (live != p->live_bytes) BROKEN("%llu planned bytes live, %llu counted", (ull)live, (ull)p->live_bytes);
     if (p->cursor > p->count) BROKEN("cursor %llu past %llu positions", (ull)p->cursor, (ull)p->count);
-    if (mo_arena_query(d->arena, (mo_handle){p->region_offset, 0, 0, 0}, &nbytes, &span) != MO_OK || nbytes != p->region_bytes)
-        BROKEN("the region at offset %llu is not a live heap block of %llu bytes", (ull)p->region_offset, (ull)p->region_bytes);
+    uint64_t total = 0;
+    for (uint64_t r = 0; r < p->n_regions; r++) {
+        if ((r && p->region_offsets[r] < p->region_offsets[r - 1] + p->region_bytes[r - 1]) ||
+            mo_arena_query(d->arena, (mo_handle){p->region_offsets[r], 0, 0, 0}, &nbytes, &span) != MO_OK ||
+            nbytes != p->region_bytes[r])
+            BROKEN("region %llu at offset %llu is not a live heap block of %llu bytes after the one before it", (ull)r,
+                   (ull)p->region_offsets[r], (ull)p->region_bytes[r]);
+        total += p->region_bytes[r];
+    }
+    if (total != p->region_total) BROKEN("regions of %llu bytes, %llu counted", (ull)total, (ull)p->region_total);
     return MO_OK;
 }
 
 void mo_replay_free_all(mo_dev *d) {
-    free(d->plan.nbytes);
-    free(d->plan.offsets);
-    free(d->plan.ranges);
-    memset(&d->plan, 0, sizeof(d->plan));
+    drop_plan(&d->plan);
     free(d->trace);
     d->trace = NULL;
     d->trace_len = d->trace_cap = 0;
@@ -338,5 +422,5 @@ void mo_replay_free_all(mo_dev *d) {
 
 uint64_t mo_replay_bytes(const mo_dev *d) {
     return d->trace_cap * sizeof(mo_trace_rec) + mo_map_bytes(&d->rec_map) + d->plan.count * 2 * sizeof(uint64_t) +
-           d->plan.range_cap * sizeof(mo_range);
+           d->plan.range_cap * sizeof(mo_range) + d->plan.n_regions * 2 * sizeof(uint64_t);
 }

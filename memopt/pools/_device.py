@@ -71,6 +71,7 @@ class DeviceStats:
         stream_conflicts (int): fallbacks because the planned range waited for another stream's work.
         recorded_allocs (int): allocations in the last recorded step.
         recording (int): 1 while a step is being recorded.
+        lowest_first (int): 1 while the heap places blocks lowest first (``set_lowest_first``).
     """
 
     capacity_bytes: int
@@ -100,6 +101,7 @@ class DeviceStats:
     stream_conflicts: int
     recorded_allocs: int
     recording: int
+    lowest_first: int
 
 
 def _make_ops(ops: Any) -> tuple[_lib.MoDevOps, list]:
@@ -245,6 +247,38 @@ class DevicePool:
         sizes = (ctypes.c_uint64 * n)(*nbytes)
         offs = (ctypes.c_uint64 * n)(*(_lib.UNPLANNED if o is None else o for o in offsets))
         self._call(f"arm a plan of {n} positions in {region_bytes} bytes", "mo_dev_plan", n, sizes, offs, region_bytes)
+
+    def free_runs(self) -> list[tuple[int, int]]:
+        """The heap's free runs ``(offset, bytes)`` by offset, once the pending frees are done (waits for them):
+        the room ``plan_at`` may reserve; the rest is live."""
+        count = ctypes.c_uint64()
+        cap = 256
+        while True:
+            offs, sizes = (ctypes.c_uint64 * cap)(), (ctypes.c_uint64 * cap)()
+            self._call("list the free runs", "mo_dev_free_runs", cap, offs, sizes, ctypes.byref(count))
+            if count.value <= cap:
+                return [(offs[i], sizes[i]) for i in range(count.value)]
+            cap = count.value
+
+    def plan_at(self, nbytes: Sequence[int], offsets: Sequence[int | None], regions: Sequence[tuple[int, int]]) -> None:
+        """Arm replay with pool offsets inside ``regions`` (``(offset, bytes)``, sorted, free now), each reserved
+        at its place: a layout among the live blocks (``plan_replay(..., free_runs=pool.free_runs())``)."""
+        n = len(nbytes)
+        if len(offsets) != n:
+            raise ValueError(f"got {len(offsets)} offsets for {n} positions; give one per position (None: the heap)")
+        sizes = (ctypes.c_uint64 * n)(*nbytes)
+        offs = (ctypes.c_uint64 * n)(*(_lib.UNPLANNED if o is None else o for o in offsets))
+        r = len(regions)
+        at = (ctypes.c_uint64 * max(r, 1))(*(o for o, _ in regions))
+        spans = (ctypes.c_uint64 * max(r, 1))(*(b for _, b in regions))
+        self._call(f"arm a plan of {n} positions in {r} regions of {sum(b for _, b in regions)} bytes",
+                   "mo_dev_plan_at", n, sizes, offs, r, at, spans)
+
+    def set_lowest_first(self, on: bool) -> None:
+        """Place heap blocks at the lowest address that fits (on), or by the arena's own fit (off, the default):
+        on for the steps before a replay is armed, so that what they leave alive packs low. O(blocks) an
+        allocation, no slab slots: not for every step."""
+        self._call("set the heap's placement", "mo_dev_set_lowest_first", int(bool(on)))
 
     def unplan(self) -> None:
         """Disarm replay and give the planned region back to the heap."""

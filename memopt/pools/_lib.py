@@ -59,7 +59,7 @@ class MoDevStats(ctypes.Structure):
         "pending_bytes", "pending_blocks", "peak_pending_bytes", "deferred_frees", "stream_reuses", "markers_recorded",
         "marker_waits", "marker_errors", "sync_frees", "overflow_allocs", "overflow_bytes", "failed_allocs",
         "plan_bytes", "plan_positions", "replay_steps", "planned_allocs", "fallback_allocs", "unplanned_allocs",
-        "stream_conflicts", "recorded_allocs", "recording",
+        "stream_conflicts", "recorded_allocs", "recording", "lowest_first",
     )]
 
 
@@ -188,6 +188,9 @@ def _signatures() -> dict[str, tuple]:
         "mo_dev_record_end": (i, [u64, p64]),
         "mo_dev_trace": (i, [u64, u64, p64, p64, p64]),
         "mo_dev_plan": (i, [u64, u64, p64, p64, u64]),
+        "mo_dev_plan_at": (i, [u64, u64, p64, p64, u64, p64, p64]),
+        "mo_dev_free_runs": (i, [u64, u64, p64, p64, p64]),
+        "mo_dev_set_lowest_first": (i, [u64, i]),
         "mo_dev_unplan": (i, [u64]),
         "mo_dev_step": (i, [u64]),
         "mo_dev_check": (i, [u64]),

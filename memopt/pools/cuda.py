@@ -130,6 +130,11 @@ class CudaArenaAllocator:
                                "it before anything touches CUDA") from exc
         with _active_lock:
             _installed[self.device] = self
+        # Until a replay is armed the heap places blocks lowest first (see step()): from here, so that what
+        # lives long from before the first step (a profile's cuBLAS workspaces, made while its activations
+        # filled the bottom of the region) sits low too. A process that never calls step() keeps it: an
+        # allocation then costs O(blocks) instead of a size-class lookup.
+        self._pool.set_lowest_first(True)
 
     @property
     def installed(self) -> bool:
@@ -170,6 +175,9 @@ class CudaArenaAllocator:
         stats = self._pool.stats()
         armed = stats.plan_bytes > 0
         record = not armed and self._steps == self.replay_warmup_steps
+        # The steps before a replay is armed place heap blocks lowest first: what they leave alive (optimizer
+        # state made in the first step) packs low, and the layout among it (_arm) reserves little above it.
+        self._pool.set_lowest_first(not armed and self._steps <= self.replay_warmup_steps)
         if armed:
             self._pool.step()
         elif record:
@@ -205,16 +213,26 @@ class CudaArenaAllocator:
     def _arm(self, trace: list[tuple[int, int, int | None]]) -> None:
         from ._replay import plan_replay  # the planners (numpy) only when a step is laid out
 
-        plan = plan_replay(trace, ALIGNMENT_BYTES)
+        # Laid out among the blocks alive now (parameters, gradients, optimizer state), in the gaps between
+        # them; one region placed by the heap when that layout does not fit or the heap changed meanwhile.
+        plan = plan_replay(trace, ALIGNMENT_BYTES, free_runs=self._pool.free_runs())
+        if plan is not None:
+            try:
+                self._pool.plan_at(plan.nbytes, plan.offsets, plan.regions)
+            except AllocatorError:
+                plan = None
         if plan is None:
-            self.replay_note = "the recorded step freed none of its allocations; nothing to replay"
-            return
-        self._pool.collect(wait=True)  # pending frees could hold the room the region needs
-        try:
-            self._pool.plan(plan.nbytes, plan.offsets, plan.region_bytes)
-        except AllocatorError as exc:
-            self.replay_note = f"the planned region could not be placed: {exc}"
-            return
+            plan = plan_replay(trace, ALIGNMENT_BYTES)
+            if plan is None:
+                self.replay_note = "the recorded step freed none of its allocations; nothing to replay"
+                return
+            self._pool.collect(wait=True)  # pending frees could hold the room the region needs
+            try:
+                self._pool.plan(plan.nbytes, plan.offsets, plan.region_bytes)
+            except AllocatorError as exc:
+                self.replay_note = f"the planned region could not be placed: {exc}"
+                return
+        self._pool.set_lowest_first(False)  # armed: the heap serves what departs from the plan, at its own speed
         self.replay_plan = plan
         self.replay_note = ""
 

@@ -189,6 +189,8 @@ static void dev_step(uint64_t h, long fail) {
     }
 }
 
+static int armed_among; /* faults after which a plan among the live blocks was armed */
+
 static void device_out_of_host_memory(long fail) {
     calls = 0;
     fail_at = -1;
@@ -210,7 +212,18 @@ static void device_out_of_host_memory(long fail) {
             offsets[i] = region;
             region += (nbytes[i] + 511u) & ~511ull;
         }
-        rc = mo_dev_plan(h, count, nbytes, offsets, region);
+        uint64_t run_offsets[8], run_sizes[8], runs = 0;
+        if (fail % 2 && count == DEV_OPS && mo_dev_free_runs(h, 8, run_offsets, run_sizes, &runs) == MO_OK && runs &&
+            runs <= 8) {
+            /* Among the live blocks: the same layout in two regions of the highest free run, 512 bytes apart. */
+            uint64_t base = run_offsets[runs - 1], half = offsets[count / 2];
+            uint64_t region_offsets[2] = {base, base + half + 512}, region_bytes[2] = {half, region - half};
+            for (uint64_t i = 0; i < count; i++) offsets[i] += base + (i >= count / 2 ? 512 : 0);
+            rc = mo_dev_plan_at(h, count, nbytes, offsets, 2, region_offsets, region_bytes);
+            armed_among += rc == MO_OK;
+        } else {
+            rc = mo_dev_plan(h, count, nbytes, offsets, region);
+        }
         EXPECT(rc == MO_OK || rc == MO_E_NOMEM, "fault %ld: plan returned %d (%s)", fail, rc, mo_last_error());
     }
     dev_checked(h, fail, "arming");
@@ -272,6 +285,7 @@ int main(void) {
     for (long fail = 1; fail <= 300; fail++) out_of_host_memory(fail);
     corruption_is_reported();
     for (long fail = 1; fail <= 300; fail++) device_out_of_host_memory(fail); /* about 240 host allocations in all */
+    EXPECT(armed_among > 50, "a plan among the live blocks was armed after only %d faults", armed_among);
     device_corruption_is_reported();
     if (failures) printf("%d failure(s)\n", failures);
     else printf("ok\n");

@@ -348,7 +348,25 @@ int fuzz_device(const uint8_t *data, size_t size) {
                     off[i] = at;
                     if (at + span > region) region = at + span;
                 }
-                if (region && region <= CAPACITY / 2) {
+                uint64_t runs_at[64], runs_size[64], runs = 0, base = UINT64_MAX;
+                if (region && region <= CAPACITY / 2 && (b & 2) &&
+                    mo_dev_free_runs(h, 64, runs_at, runs_size, &runs) == MO_OK && runs <= 64) {
+                    /* Among the live blocks: the layout at the lowest free run that holds it, or (b & 4) at 0,
+                     * which must be refused, the pool unchanged, whenever a live block is there. */
+                    for (uint64_t k = 0; k < runs && base == UINT64_MAX; k++) {
+                        uint64_t lo = (runs_at[k] + 511u) & ~511ull;
+                        if (lo + region <= runs_at[k] + runs_size[k]) base = lo;
+                    }
+                    if (b & 4) base = 0;
+                }
+                if (base != UINT64_MAX) {
+                    for (uint64_t i = 0; i < count; i++)
+                        if (off[i] != MO_UNPLANNED) off[i] += base;
+                    int rc = mo_dev_plan_at(h, count, nb, off, 1, &base, &region);
+                    if (rc != MO_OK && rc != MO_E_EXHAUSTED) FAIL("plan_at failed with %d", rc);
+                    if (rc != MO_OK && (b & 4) == 0) FAIL("plan_at refused a free run the pool listed");
+                    armed = rc == MO_OK;
+                } else if (region && region <= CAPACITY / 2) {
                     int rc = mo_dev_plan(h, count, nb, off, region);
                     if (rc != MO_OK && rc != MO_E_EXHAUSTED) FAIL("plan failed with %d", rc);
                     armed = rc == MO_OK;
