@@ -2,13 +2,15 @@
 
 What these fakes stand for: a CUDA event whose copy is still running answers ``query()`` with False until the
 test says the copy is done, and a call that would make the CPU wait for the GPU (``Event.synchronize``,
-``Stream.synchronize``, ``torch.cuda.synchronize``, ``.item()``) is written down; ``record_stream`` refuses a
-tensor on another device, as torch's does. The real CUDA calls are checked in test_runtime_cuda.py.
+``Stream.synchronize``, ``torch.cuda.synchronize``, ``.item()``) is written down; no tensor is lent to another
+stream by ``record_stream`` (the fakes have none), which kept memory taken while the CPU ran ahead of the GPU.
+The real CUDA calls are checked in test_runtime_cuda.py.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import pytest
 import torch
@@ -44,10 +46,11 @@ class FakeStream:
         self.ops, self.name = ops, name
 
     def wait_stream(self, other) -> None:
-        pass
+        self.ops.waits.append((self.name, other))
 
     def wait_event(self, event) -> None:
         assert isinstance(event, FakeEvent)
+        self.ops.waits.append((self.name, event))
 
     def synchronize(self) -> None:
         self.ops.blocked.append(f"{self.name}.synchronize")
@@ -60,9 +63,11 @@ class FakeOps:
         self.device = device
         self.events: list[FakeEvent] = []
         self.blocked: list[str] = []
+        self.waits: list[tuple[str, FakeEvent]] = []  # (waiting stream, event): GPU-side waits, never the CPU's
         self.pinned: list[tuple[int, int]] = []
         self.unpinned: list[int] = []
         self.compute = FakeStream(self, "compute")
+        self.active = self.compute  # the stream work goes to (``use``)
         self.streams = 0
 
     def stream(self):
@@ -73,14 +78,15 @@ class FakeOps:
         return FakeEvent(self)
 
     def current_stream(self):
-        return self.compute
+        return self.active
 
+    @contextlib.contextmanager
     def use(self, stream):
-        return contextlib.nullcontext()
-
-    def record_stream(self, tensor, stream) -> None:
-        if tensor.device != self.device:  # torch: record_stream of a CPU tensor under CUDA raises
-            raise RuntimeError(f"record_stream of a tensor on {tensor.device}, not {self.device}")
+        before, self.active = self.active, stream
+        try:
+            yield
+        finally:
+            self.active = before
 
     def pin(self, buffer) -> bool:
         self.pinned.append((buffer.data_ptr(), buffer.numel() * buffer.element_size()))
@@ -118,6 +124,16 @@ def fake_ops(monkeypatch):
 
 def _swap_all(n: int) -> list[UnitPolicy]:
     return [UnitPolicy(Mode.SWAP, swap_tensors=frozenset(range(16))) for _ in range(n)]
+
+
+def _swapped_mlp(depth: int) -> tuple[TinyMLP, Runtime]:
+    """A TinyMLP whose every block is swapped, its runtime installed."""
+    torch.manual_seed(0)
+    model = TinyMLP(depth=depth)
+    runtime = Runtime(model, [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)], _swap_all(depth),
+                      host_capacity_bytes=1 << 24)
+    runtime.install()
+    return model, runtime
 
 
 def _step(model, x) -> None:
@@ -199,11 +215,7 @@ def test_no_hook_waits_for_the_gpu(fake_ops, monkeypatch):
     still running stay taken until their events say done, and are freed then without waiting."""
     device_syncs: list[str] = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: device_syncs.append("torch.cuda.synchronize"))
-    torch.manual_seed(0)
-    model = TinyMLP(depth=4)
-    runtime = Runtime(model, [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)], _swap_all(4),
-                      host_capacity_bytes=1 << 24)
-    runtime.install()
+    model, runtime = _swapped_mlp(4)
     store = runtime.store
     with _HostSyncs() as syncs:
         _step(model, torch.randn(2, 128, 64))
@@ -216,6 +228,91 @@ def test_no_hook_waits_for_the_gpu(fake_ops, monkeypatch):
     assert fake_ops.blocked == []
     runtime.remove()
     runtime.close()
+
+
+def test_a_swapped_tensors_device_memory_goes_at_the_end_of_the_next_unit():
+    """What the simulator counts as "swap in flight": unit u's copied-out tensors stay on the device through
+    unit u + 1's forward; at its end the compute stream waits for their copies (on the GPU) and they go."""
+    ops = FakeOps()
+    store = HostStore(torch.device("cpu"), 1 << 20, ops=ops)
+    compute_waits = lambda: [(w, e) for w, e in ops.waits if w == "compute"]  # noqa: E731
+    tensor = torch.randn(256)
+    alive = weakref.ref(tensor)
+    entry = store.put(tensor)
+    del tensor
+    store.end_unit()  # unit u ends: its copy may still read the tensor
+    assert alive() is not None and compute_waits() == []
+    later = torch.randn(256)
+    store.put(later)
+    store.end_unit()  # unit u + 1 ends: the compute stream waits for u's copy, then u's tensor goes
+    assert alive() is None and compute_waits() == [("compute", entry.d2h_event)]
+    assert ops.blocked == []  # the CPU never waited
+    store.end_forward()  # the forward ended: the last unit's go too, after one wait on the last copy
+    assert len(compute_waits()) == 2 and compute_waits()[-1][1] is ops.events[-1]
+
+
+def test_swapped_units_hold_their_device_memory_one_unit_in_a_step(fake_ops):
+    """In a step with every unit swapped: as unit u's forward starts, nothing unit u - 2 copied out is held,
+    and the store holds what unit u - 1 copied out; after the forward, it holds nothing."""
+    model, runtime = _swapped_mlp(4)
+    store = runtime.store
+    current = [-1]
+    refs: dict[int, list] = {}
+    store_put = store.put
+
+    def put(tensor):
+        refs.setdefault(current[0], []).append(weakref.ref(tensor))
+        return store_put(tensor)
+
+    store.put = put
+    seen: list[tuple[int, bool, bool]] = []
+
+    def starts(index):
+        current[0] = index
+        gone = all(r() is None for u, rs in refs.items() if u <= index - 2 for r in rs)
+        held = {id(t) for t in store._copied}
+        before = all(r() is not None and id(r()) in held for r in refs.get(index - 1, []))
+        seen.append((index, gone, before))
+
+    for index, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda _m, _a, index=index: starts(index))
+    loss = model(torch.randn(2, 128, 64))
+    assert store._copying == [] and store._copied == []
+    loss.backward()
+    assert fake_ops.blocked == []  # the waits were the GPU's (close() below may synchronise: outside a step)
+    runtime.remove()
+    runtime.close()
+    assert seen == [(0, True, True), (1, True, True), (2, True, True), (3, True, True)], seen
+    assert all(len(refs[u]) > 0 for u in range(4))
+
+
+def test_a_copy_back_lands_in_the_compute_streams_memory_and_waits_for_its_work(monkeypatch):
+    """The device copy of a prefetch is allocated while the compute stream is current (its pool: freed, the
+    memory is the compute stream's again at once), and the copy stream first waits for the compute stream's
+    queued work, then the D2H copy; a fetch makes the compute stream wait for the copy. A copy back that is
+    never fetched makes the compute stream wait for it before its memory goes."""
+    ops = FakeOps()
+    store = HostStore(torch.device("cpu"), 1 << 20, ops=ops)
+    streams_at_empty: list[str] = []
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: (streams_at_empty.append(ops.active.name), empty(*a, **k))[1])
+    entry = store.put(torch.randn(64))
+    ops.waits.clear()  # the D2H stream's wait for the compute stream
+    store.prefetch(entry)
+    assert streams_at_empty == ["compute"]
+    h2d = ops.events[-1].stream
+    assert [(w, o.name if isinstance(o, FakeStream) else o) for w, o in ops.waits] == [
+        (h2d.name, "compute"), (h2d.name, entry.d2h_event)]
+    ops.waits.clear()
+    store.fetch(entry)
+    assert ops.waits == [("compute", entry.h2d_event)]
+    other = store.put(torch.randn(64))
+    store.prefetch(other)
+    copy_back = other.h2d_event
+    ops.waits.clear()
+    del other  # autograd freed it before its backward (a graph dropped): the compute stream waits for the copy
+    assert ops.waits == [("compute", copy_back)]
+    assert ops.blocked == []
 
 
 def test_release_frees_at_once_what_is_done_and_the_rest_when_asked():

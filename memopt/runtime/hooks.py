@@ -142,7 +142,9 @@ class Runtime:
         policy = fallback or self._policy_for(index, args, kwargs)
         recorder = self.recorder
         if policy.mode is Mode.KEEP and recorder is None:
-            return self._watch_backward(index, forward(*args, **kwargs))
+            out = forward(*args, **kwargs)
+            self._end_unit()
+            return self._watch_backward(index, out)
         self.forward_calls += 1
         frame = Frame(self, index, policy, forward, args, kwargs)
         self.frames[index] = weakref.ref(frame)
@@ -153,7 +155,12 @@ class Runtime:
             out = forward(*args, **kwargs)
         if recorder is not None:
             recorder.after_forward(index, args, kwargs, out, forward)
+        self._end_unit()
         return self._watch_backward(index, out)
+
+    def _end_unit(self) -> None:
+        if self.store is not None and self.store.asynchronous:
+            self.store.end_unit()  # the unit before's copies out are done before what comes next reuses them
 
     def _watch_backward(self, index: int, out):
         """Have the gradient of ``out`` (unit ``index``'s output; ``len(units)`` for the model's) start the copies
@@ -168,6 +175,8 @@ class Runtime:
         return out
 
     def _on_model_output(self, _module, _args, out) -> None:
+        if self.store is not None and self.store.asynchronous:
+            self.store.end_forward()
         self._watch_backward(len(self.units), out)
 
     def _backward_reached(self, index: int, grad) -> None:
@@ -241,6 +250,8 @@ class Runtime:
     # -- callbacks from frames ----------------------------------------------------------------------
     def on_unit_backward(self, frame: Frame) -> None:
         if self.store is not None:
+            if self.store.asynchronous:
+                self.store.end_forward()  # a model whose forward the root hook did not see end (no-op otherwise)
             # The unit's own swapped tensors come back together as its backward starts (a no-op when its
             # output's gradient hook already started them); later units' copies start now only where they
             # overlap (asynchronous copies).

@@ -3,7 +3,12 @@
 A tensor put into the store is copied into host memory (page-locked on CUDA, on a side stream so the copy
 overlaps compute); ``fetch`` brings it back to the device, and ``prefetch`` starts that copy early on its
 own stream. Nothing here ever waits on the CPU for the GPU: a host block whose copies may still run is
-freed later, once its events say they are done (``reclaim``). On CPU the same path runs with synchronous
+freed later, once its events say they are done (``reclaim``). The device memory of a tensor being copied out
+is held by the store until the end of the next unit's forward (``end_unit``), when the compute stream waits
+for the copy (on the GPU, not the CPU) and lets it go: freed then, in the allocator's order of events, as the
+simulator has it ("swap in flight"), not whenever the CPU, running ahead, next sees the copy done (which is
+what ``record_stream`` did; with it the CUDA tests measured tiny models 2-7 % above their predicted peak).
+On CPU the same path runs with synchronous
 copies, so it is tested without a GPU; the CUDA calls go through one object (``CudaOps``) that a test can
 replace with fakes to run the asynchronous path on CPU tensors.
 """
@@ -39,7 +44,9 @@ class HostEntry:
 
 
 class CudaOps:
-    """The CUDA calls of a ``HostStore``: streams, events, ``record_stream`` and pinning its host buffer.
+    """The CUDA calls of a ``HostStore``: streams, events and pinning its host buffer. No memory crosses streams
+    by ``record_stream``: a copy's memory stays the compute stream's, ordered by events (see ``end_unit`` and
+    ``prefetch``).
 
     They need a GPU: tests/test_runtime_store.py runs the store's logic on CPU through fakes of them, and
     tests/test_runtime_cuda.py checks the calls themselves (pinning in place, no synchronisation in a step,
@@ -50,12 +57,7 @@ class CudaOps:
     """
 
     def __init__(self, device: torch.device) -> None:
-        # torch's record_stream does nothing under a pluggable allocator; memopt's own honours it there and
-        # defers to torch's otherwise. Bound once: it runs for every swapped tensor.
-        from memopt.pools.cuda import record_stream
-
         self.device = device
-        self.record_stream = record_stream
 
     def stream(self):
         return torch.cuda.Stream(self.device)
@@ -124,6 +126,11 @@ class HostStore:
         self.h2d_stream = self.ops.stream() if self.asynchronous else None
         # Host blocks of dead entries whose copies may still run: (block, events), freed by ``reclaim``.
         self._pending: collections.deque = collections.deque()
+        # Device tensors being copied out, with the last copy's event: this unit's, and the unit's before.
+        self._copying: list[torch.Tensor] = []
+        self._copying_event = None
+        self._copied: list[torch.Tensor] = []
+        self._copied_event = None
         self.put_bytes = 0
         self.fetched_bytes = 0
         self.refused_bytes = 0
@@ -155,12 +162,31 @@ class HostStore:
                 host.copy_(tensor, non_blocking=True)
                 entry.d2h_event = ops.event()
                 entry.d2h_event.record(self.d2h_stream)
-            # The device memory must not be reused by the caching allocator before the copy reads it.
-            ops.record_stream(tensor, self.d2h_stream)
+            # The device memory must not be reused before the copy has read it: held until end_unit.
+            self._copying.append(tensor)
+            self._copying_event = entry.d2h_event
         else:
             host.copy_(tensor)
         self.put_bytes += nbytes
         return entry
+
+    def end_unit(self) -> None:
+        """A unit's forward ended: the tensors the unit before it copied out go (the compute stream waits for
+        their copies first, on the GPU); this unit's are held until the next ``end_unit``."""
+        self._let_go(self._copied, self._copied_event)
+        self._copied, self._copied_event = self._copying, self._copying_event
+        self._copying, self._copying_event = [], None
+
+    def end_forward(self) -> None:
+        """The forward ended (or backward began): every tensor being copied out goes once its copy is done."""
+        self.end_unit()
+        self.end_unit()
+
+    def _let_go(self, tensors: list, event) -> None:
+        if tensors:
+            # Copies on one stream finish in order: the last one's event covers them all.
+            self.ops.current_stream().wait_event(event)
+            tensors.clear()
 
     def prefetch(self, entry: HostEntry) -> None:
         """Start copying an entry back to the device (on the H2D stream on CUDA; at once on CPU). A no-op
@@ -172,9 +198,17 @@ class HostStore:
             entry.device_copy = entry.host.clone()
             return
         ops = self.ops
+        # The copy back lands in memory of the compute stream's own pool: once autograd frees it, the allocator
+        # hands it to the next compute-stream tensor at once (stream order makes that safe). Memory taken on
+        # the copy stream and lent to the compute stream (record_stream) stays taken until the CPU, running
+        # ahead, sees the GPU done with it, and meanwhile the next copies take more: the CUDA tests measured
+        # a swap-heavy step at 2.8x its predicted peak that way. The copy waits for the compute stream's work
+        # queued so far, which may still use the memory: the gate the simulator gives it.
+        current = ops.current_stream()
+        entry.device_copy = torch.empty(entry.shape, dtype=entry.dtype, device=entry.device)
+        self.h2d_stream.wait_stream(current)
         with ops.use(self.h2d_stream):
             self.h2d_stream.wait_event(entry.d2h_event)
-            entry.device_copy = torch.empty(entry.shape, dtype=entry.dtype, device=entry.device)
             entry.device_copy.copy_(entry.host, non_blocking=True)
             entry.h2d_event = ops.event()
             entry.h2d_event.record(self.h2d_stream)
@@ -188,14 +222,17 @@ class HostStore:
         out, entry.device_copy = entry.device_copy, None
         entry.fetched = True
         if self.asynchronous:
-            current = self.ops.current_stream()
-            current.wait_event(entry.h2d_event)
-            self.ops.record_stream(out, current)
+            self.ops.current_stream().wait_event(entry.h2d_event)  # the compute stream's own memory: no record_stream
         return out
 
     def _release(self, entry: HostEntry) -> None:
         """An entry died (autograd freed it): its host block is free once its copies are done. Never waits:
         a block whose copies may still run is left to ``reclaim``."""
+        if entry.device_copy is not None and self.asynchronous:
+            # A copy back never fetched: its memory goes back to the compute stream, which must not reuse it
+            # before the copy is done.
+            self.ops.current_stream().wait_event(entry.h2d_event)
+            entry.device_copy = None
         block = entry.block
         if block is None:
             return
@@ -235,6 +272,8 @@ class HostStore:
     def close(self) -> None:
         """Release the arena. On CUDA the copy streams are drained first, so unpinning the host memory never
         races a copy (a call from ``handle.remove()``, outside any hook: waiting is allowed here)."""
+        if self.asynchronous:
+            self.end_forward()
         if self.asynchronous and self._unpin is not None and self._unpin.alive:
             self.d2h_stream.synchronize()
             self.h2d_stream.synchronize()
