@@ -4,6 +4,12 @@ A ``TorchDispatchMode`` that sees every op's outputs, counts each new storage on
 is freed. It measures what the runtime really holds, independently of any planner, on CPU, CUDA and
 under ``FakeTensorMode`` alike. Storages that existed before the meter started (parameters, the batch)
 are never counted.
+
+What a kernel allocates and frees inside one op (a CUDA kernel's scratch: cross-entropy's, attention's
+backward) is no op's output, so the meter alone never sees it. Given a ``probe`` of the device allocator's
+counters, a window's peak (``window_peak()``) is raised to what the allocator held above the window's start
+at its peak, less what it allocated outside any tensor and kept (cuBLAS workspaces: fixed bytes, counted
+apart by the profiler).
 """
 
 from __future__ import annotations
@@ -14,7 +20,25 @@ from torch.utils._pytree import tree_leaves
 
 from ._storages import StorageMap
 
-__all__ = ["MemoryMeter"]
+__all__ = ["DeviceProbe", "MemoryMeter"]
+
+
+class DeviceProbe:
+    """The CUDA allocator's counters on ``device`` (an installed memopt arena's where there is one)."""
+
+    def __init__(self, device: torch.device) -> None:
+        from memopt.pools import cuda
+
+        self.device, self._cuda = device, cuda
+
+    def allocated(self) -> int:
+        return self._cuda.memory_allocated(self.device)
+
+    def peak(self) -> int:
+        return self._cuda.max_memory_allocated(self.device)
+
+    def reset_peak(self) -> None:
+        self._cuda.reset_peak_memory_stats(self.device)
 
 
 class MemoryMeter(TorchDispatchMode):
@@ -27,8 +51,10 @@ class MemoryMeter(TorchDispatchMode):
         True
     """
 
-    def __init__(self) -> None:
+    def __init__(self, probe: DeviceProbe | None = None) -> None:
         super().__init__()
+        self.probe = probe  # the device allocator's counters, for what kernels allocate inside an op
+        self._window_start: tuple[int, int] | None = None  # (meter bytes, device bytes) as the window began
         self._live = StorageMap()  # storage -> bytes, for storages allocated under the meter
         self._paused = StorageMap()  # storages allocated while paused: never counted
         self.current_bytes = 0
@@ -44,7 +70,22 @@ class MemoryMeter(TorchDispatchMode):
         """Start a new peak window at the current live bytes; returns them."""
         self.collect()
         self.window_peak_bytes = self.current_bytes
+        if self.probe is not None:
+            self.probe.reset_peak()
+            self._window_start = (self.current_bytes, self.probe.allocated())
         return self.current_bytes
+
+    def window_peak(self) -> int:
+        """The peak live bytes of the window so far: the meter's, or with a probe the device allocator's peak
+        over the window's start where higher (scratch inside kernels), less what the allocator allocated
+        outside any tensor and still holds (workspaces kept for later steps)."""
+        if self.probe is None or self._window_start is None:
+            return self.window_peak_bytes
+        self.collect()
+        meter_start, device_start = self._window_start
+        kept_outside = max(0, (self.probe.allocated() - device_start) - (self.current_bytes - meter_start))
+        device_peak = meter_start + (self.probe.peak() - device_start) - kept_outside
+        return max(self.window_peak_bytes, device_peak)
 
     def collect(self) -> None:
         """Drop storages that have been freed since the last op."""

@@ -31,7 +31,7 @@ from .config import MemoptConfig
 from .graph import Mode, TrainingGraph, Unit
 from .hardware import Hardware
 from .head_profile import HeadCapture, profile_head
-from .meter import MemoryMeter
+from .meter import DeviceProbe, MemoryMeter
 from .model_states import live_model_states
 from .runtime.caches import copy_caches
 from .runtime.engine import UnitPolicy, row_input_shape
@@ -256,7 +256,7 @@ class _Recorder:
         self.sync()
         rec = self.records[index]
         rec.forward_s.append(self.clock() - self.forward_t0)
-        rec.forward_peak_live = self.meter.window_peak_bytes
+        rec.forward_peak_live = self.meter.window_peak()
         seen = set()
         rec.output_bytes = 0
         for leaf in tree_leaves(out):
@@ -308,7 +308,7 @@ class _Recorder:
         self.sync()
         now = self.clock()
         if self.current_backward is None:
-            self.head_peak_live = self.meter.window_peak_bytes
+            self.head_peak_live = self.meter.window_peak()
             self.first_backward_s = now
         else:
             self.close_backward(now)
@@ -328,7 +328,7 @@ class _Recorder:
                 rec.replay_s = seconds
         rec.recompute_s += seconds
         rec.forward_s.append(seconds)
-        rec.recompute_peak_live = self.meter.window_peak_bytes
+        rec.recompute_peak_live = self.meter.window_peak()
         # The rest of the unit's backward is measured on its own: a unit that is not recomputed never holds
         # the replay's transients (its outputs among them).
         self.meter.reset_window()
@@ -355,7 +355,7 @@ class _Recorder:
             return
         rec = self.records[index]
         rec.backward_s = max(0.0, now - rec.backward_start_s - rec.recompute_s)
-        rec.backward_peak_live = self.meter.window_peak_bytes
+        rec.backward_peak_live = self.meter.window_peak()
         self.current_backward = None
 
     def workspaces(self) -> tuple[int, int, list[tuple[int, int, int]]]:
@@ -460,7 +460,8 @@ def profile_model(model: nn.Module, sample, config: MemoptConfig | None = None,
     for p in params:
         p.grad = torch.zeros_like(p)
     fixed_seen = StorageMap()
-    meter = MemoryMeter()
+    # On CUDA the allocator's counters show what kernels allocate inside an op (scratch), which no op returns.
+    meter = MemoryMeter(_device_probe(device))
     recorder = _Recorder(meter, names, config, device, clock)
     recorder.timing_only = timing_only
 
@@ -599,6 +600,7 @@ def profile_model(model: nn.Module, sample, config: MemoptConfig | None = None,
         meta={"model": type(model).__name__, "profiled": "live", "device": str(device),
               "sample": _describe(sample), "peak_activation_bytes_safe_mode": meter.peak_bytes,
               "first_backward_s": first_backward - t0, "device_workspace_bytes": device_workspace,
+              "device_allocated_before_after": [allocated_before, allocated_after],
               "model_states_convention": states.convention,
               **({"head_note": f"the LM head is not chunked: {head_note}"} if head_note else {})},
     )
@@ -623,6 +625,10 @@ def _selective_s(rec: _UnitRecord) -> float:
     if rec.replay_s is not None:
         return max(0.0, rec.replay_s - rec.replay_expensive_s)
     return max(0.0, min(rec.forward_s) - rec.expensive_s)
+
+
+def _device_probe(device: torch.device) -> DeviceProbe | None:
+    return DeviceProbe(device) if device.type == "cuda" else None
 
 
 def _device_allocated_bytes(device: torch.device, clear_workspaces: bool = False) -> int | None:

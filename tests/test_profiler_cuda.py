@@ -234,17 +234,24 @@ def test_profiled_times_are_device_times_on_cuda():
 
 
 @pytest.mark.cuda
-def test_profile_counts_cublas_workspaces_as_fixed_bytes_on_cuda():
+def test_profile_counts_cublas_workspaces_as_fixed_bytes_on_cuda(record_property):
     """cuBLAS keeps a workspace per handle and stream (the forward's thread and autograd's), invisible to the
     meter; the profile measures what the step left allocated and counts it in the fixed bytes."""
     model = TinyMLP(depth=3).cuda()
     x = torch.randn(2, 512, 64, device="cuda")
     graph = memopt.profile(model, x)
     workspace = graph.meta["device_workspace_bytes"]
+    record_property("first_before_after", graph.meta["device_allocated_before_after"])
+    second = memopt.profile(model, x)
+    record_property("second_before_after", second.meta["device_allocated_before_after"])
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated()
+    torch._C._cuda_clearCublasWorkspaces()
+    record_property("freed_by_a_clear_after_the_second", held - torch.cuda.memory_allocated())
     assert workspace >= 1 << 20, workspace
     assert graph.fixed_activation_bytes >= workspace
     # A second profile clears them first, so it sees them again instead of taking them for the user's.
-    assert memopt.profile(model, x).meta["device_workspace_bytes"] >= 1 << 20
+    assert second.meta["device_workspace_bytes"] >= 1 << 20
 
 
 @pytest.mark.cuda
