@@ -1,5 +1,6 @@
 """gpu_results: file a GPU session's figures with the others: rows into results/train_gpu.csv and the table in
-bench/README.md, the session's summary, test reports, trace and memory trace into results/gpu_session-<date>/.
+bench/README.md, the session's summary, test reports, trace, memory trace and profiled graphs into
+results/gpu_session-<date>/.
 
     python bench/gpu_results.py DIR [DIR ...]     # DIR: a bench/gpu_session.py output folder
 
@@ -26,10 +27,16 @@ KEPT = ("summary.json", "session.log", "env.json", "nvidia-smi.txt", "pytest_cud
 
 
 def session_rows(folder: Path) -> list[dict]:
+    """A session's rows; a run without a ``none`` row of its own (replay, expandable) gets its step ratio from
+    the session's ``none`` at the same length (another process of the same session: not interleaved)."""
     rows = []
     for path in sorted(folder.glob("train_gpu_*/train_gpu.json")):
         for row in json.loads(path.read_text()):
             rows.append({"allocator": "torch", **row})
+    none = {r["seq"]: r["step_s"] for r in rows if r["method"] == "none" and r.get("step_s")}
+    for row in rows:
+        if not row.get("step_vs_none") and row.get("step_s") and row["seq"] in none:
+            row["step_vs_none"] = round(row["step_s"] / none[row["seq"]], 3)
     return rows
 
 
@@ -51,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.copy2(folder / name, keep / name)
         for trace in [*folder.glob("train_gpu_*/trace_*"), *folder.glob("memory/memory_trace.json")]:
             shutil.copy2(trace, keep / trace.name)
+        for graph in folder.glob("train_gpu_*/graph_*.json"):  # live-profiled graphs: plan them again anywhere
+            shutil.copy2(graph, keep / f"{graph.parent.name}_{graph.name}")
     columns = list(dict.fromkeys(key for row in rows for key in row))
     path = RESULTS_DIR / "train_gpu.csv"
     old = list(csv.DictReader(path.open())) if path.exists() else []

@@ -16,7 +16,9 @@ Phases, each printed with the time spent so far, each bounded by what is left of
    section 11: a 953M Llama, bf16, AdamW, batch 1) over none, hf-ckpt, memopt-match and memopt-50, with a
    ``torch.profiler`` trace of one memopt step at the first length; between them, in a process of its own,
    hf-ckpt and memopt-match with memopt's CUDA arena installed and each step's planned layout replayed
-   (``--replay``). ``--tiny`` runs the 2-layer model at seq 256 on whatever device there is.
+   (``--replay``), and the same two under torch's allocator with ``expandable_segments:True`` (run
+   ``expandable``), so the three allocators' reserved/allocated come from one session. ``--tiny`` runs the
+   2-layer model at seq 256 on whatever device there is.
 
 Output folder: ``env.json``, ``nvidia-smi.txt``, ``pytest_cuda*.xml`` and ``.log``, one folder per benchmark
 run (``train_gpu_<seq>/``, ``train_gpu_replay_<seq>/``: rows, plans, graphs and the trace), ``summary.json``
@@ -154,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=540.0, help="seconds for the whole session")
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--skip-bench", action="store_true")
-    parser.add_argument("--runs", default="main,replay,memory",
-                        help="benchmark runs, comma-separated: main (every --seq), replay, memory (bench/"
+    parser.add_argument("--runs", default="main,replay,expandable,memory",
+                        help="benchmark runs, comma-separated: main (every --seq), replay, expandable (hf-ckpt and "
+                             "memopt-match at the first seq under expandable_segments:True), memory (bench/"
                              "cuda_memory_trace.py: a swapped step's memory unit by unit, with a snapshot)")
     args = parser.parse_args(argv)
     out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else
@@ -196,20 +199,25 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_bench:
             seqs = [None] if args.tiny else [int(s) for s in str(args.seq).split(",") if s.strip()]
             wanted = {r.strip() for r in args.runs.split(",")}
-            runs = [(f"train_gpu_{seq or 'tiny'}", seq, [], index == 0) for index, seq in enumerate(seqs)
+            runs = [(f"train_gpu_{seq or 'tiny'}", seq, [], index == 0, None) for index, seq in enumerate(seqs)
                     if "main" in wanted]
             if "replay" in wanted and args.replay not in ("0", "") and env["cuda_available"]:
                 # Its own process: the arena must be installed before anything initialises CUDA.
                 runs.insert(min(1, len(runs)), (f"train_gpu_replay_{seqs[0] or 'tiny'}", seqs[0],
-                                ["--methods", "hf-ckpt,memopt-match", "--replay", args.replay], False))
-            for name, seq, extra, trace in runs:
+                                ["--methods", "hf-ckpt,memopt-match", "--replay", args.replay], False, None))
+            if "expandable" in wanted:
+                # Its own process too: the caching allocator reads its configuration when CUDA starts.
+                runs.insert(min(2, len(runs)), (f"train_gpu_expandable_{seqs[0] or 'tiny'}", seqs[0],
+                                                ["--methods", "hf-ckpt,memopt-match"], False,
+                                                {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}))
+            for name, seq, extra, trace, run_env in runs:
                 if left() < 30:
                     say(f"{name}: skipped, {left():.0f} s left")
                     continue
                 bench = out / name
                 size = ["--tiny", "--steps", "2"] if args.tiny else ["--seq", str(seq)]
                 phase = run_phase(name, [python, str(ROOT / "bench" / "train_gpu.py"), *size, "--out", str(bench),
-                                         *(["--trace"] if trace else []), *extra], out, left() - 5)
+                                         *(["--trace"] if trace else []), *extra], out, left() - 5, run_env)
                 rows = bench / "train_gpu.json"
                 phase["rows"] = json.loads(rows.read_text()) if rows.exists() else []
                 phases.append(phase)

@@ -161,7 +161,7 @@ def _run(method: str, args, device, dtype, budget=None) -> dict:
         elif index == warmups - 1 and arena is not None:
             pools_cuda.reset_peak_memory_stats()  # the replayed steps' peaks, not the heap's or the recording's
     say(f"{method}: {args.steps} timed steps, median {statistics.median(times):.4f} s")
-    row = {"method": method, "seq": args.seq, "step_s": round(statistics.median(times), 4),
+    row = {"method": method, "seq": args.seq, "allocator": allocator_name(arena), "step_s": round(statistics.median(times), 4),
            "loss": round(loss.item(), 4), "plan_s": round(plan_s, 2), "decisions": "", "predicted_overhead": ""}
     if device.type == "cuda":
         alloc, reserved = pools_cuda.max_memory_allocated(), pools_cuda.max_memory_reserved()
@@ -170,11 +170,15 @@ def _run(method: str, args, device, dtype, budget=None) -> dict:
     if arena is not None:
         stats = arena.device_stats()
         # The region's extent is what it reserves: where the layout was placed shows in extent - plan bytes.
-        row.update(allocator="memopt-replay", plan_gib=round(stats.plan_bytes / 2**30, 2),
+        plan = arena.replay_plan
+        row.update(plan_gib=round(stats.plan_bytes / 2**30, 2),
                    live_gib_after=round(stats.live_bytes / 2**30, 2),
                    extent_gib_after=round(stats.reserved_bytes / 2**30, 2), planned_allocs=stats.planned_allocs,
                    fallback_allocs=stats.fallback_allocs, replay_note=arena.replay_note,
-                   replay_method=arena.replay_plan.method if arena.replay_plan is not None else "")
+                   replay_method=plan.method if plan is not None else "",
+                   # "among": laid out in the gaps between the blocks alive when armed; "region": one region.
+                   replay_layout="" if plan is None else "among" if plan.regions else "region",
+                   replay_regions=len(plan.regions) if plan is not None and plan.regions else int(plan is not None))
         arena.restart_replay()
     if args.trace and method == args.trace_method:
         row["trace"] = trace_step(model, opt, sample, device, args.out, method)
@@ -184,6 +188,14 @@ def _run(method: str, args, device, dtype, budget=None) -> dict:
     del model, opt, handle
     say(f"{method}: {row}")
     return row
+
+
+def allocator_name(arena) -> str:
+    """Which allocator served the run: memopt's replaying arena, or torch's caching allocator as configured."""
+    if arena is not None:
+        return "memopt-replay"
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + "," + os.environ.get("PYTORCH_ALLOC_CONF", "")
+    return "torch-expandable" if "expandable_segments:true" in conf.lower().replace(" ", "") else "torch"
 
 
 def _memopt_figures(handle, out: Path | None, method: str) -> dict:

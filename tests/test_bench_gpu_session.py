@@ -27,8 +27,8 @@ def test_gpu_session_tiny_runs_end_to_end_and_fills_its_folder(tmp_path):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     names = [phase["name"] for phase in summary["phases"]]
-    # The replay and memory runs need CUDA; without it the tiny benchmark runs alone.
-    assert names == ["pytest_cuda", "pytest_cuda_pools", "train_gpu_tiny"]
+    # The replay and memory runs need CUDA; without it the tiny benchmark runs, and again under expandable segments.
+    assert names == ["pytest_cuda", "pytest_cuda_pools", "train_gpu_tiny", "train_gpu_expandable_tiny"]
     assert all(phase["rc"] == 0 for phase in summary["phases"])
     tests = summary["phases"][0]
     assert tests["tests"] > 0 and tests["failures"] == tests["errors"] == 0
@@ -37,6 +37,16 @@ def test_gpu_session_tiny_runs_end_to_end_and_fills_its_folder(tmp_path):
     rows = json.loads((out / "train_gpu_tiny" / "train_gpu.json").read_text())
     assert [row["method"] for row in rows] == ["none", "hf-ckpt", "memopt-match", "memopt-50"]
     assert all("error" not in row and row["step_s"] > 0 for row in rows), rows
+    assert {row["allocator"] for row in rows} == {"torch"}
+    expandable = json.loads((out / "train_gpu_expandable_tiny" / "train_gpu.json").read_text())
+    assert [(r["method"], r["allocator"]) for r in expandable] == [("hf-ckpt", "torch-expandable"),
+                                                                   ("memopt-match", "torch-expandable")]
+    import gpu_results
+
+    filed = {(r["method"], r["allocator"]): r for r in gpu_results.session_rows(out)}
+    none = filed[("none", "torch")]["step_s"]
+    # Its own run has no "none": the ratio is to the session's, at the same length.
+    assert filed[("hf-ckpt", "torch-expandable")]["step_vs_none"] == round(expandable[0]["step_s"] / none, 3)
     assert (out / "train_gpu_tiny" / "trace_memopt-match.json.gz").stat().st_size > 0
     assert (out / "train_gpu_tiny" / "plan_memopt-match.json").exists() and (out / "train_gpu_tiny" / "train_gpu.csv").exists()
     assert json.loads((out / "env.json").read_text())["torch"] == torch.__version__
