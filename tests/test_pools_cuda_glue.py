@@ -115,6 +115,7 @@ out["planned"], out["fallbacks"], out["steps"] = stats.planned_allocs, stats.fal
 out["method"] = backend.replay_plan.method
 backend.restart_replay()  # another workload: heap, record, replay again
 out["restarted"] = backend.replay_plan is None and backend.device_stats().plan_bytes == 0
+out["lowest_first"].append(backend.device_stats().lowest_first)
 def other():
     a = malloc(900000, 0, S); b = malloc(100000, 0, S); free(b, 0, 0, S); free(a, 0, 0, S)
     driver.fake_cuda_run(S)
@@ -136,7 +137,8 @@ def test_the_python_backend_with_a_fake_driver(fake_driver):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["calls"] == [["pluggable", "mo_cuda_malloc", "mo_cuda_free"], ["change", "FakePluggable"]]
     assert out["installed"] and out["overflow"]
-    assert out["lowest_first"] == [1, 0]  # lowest first from install until the replay was armed
+    # Lowest first from install until the replay was armed, and again from restart_replay() (a new workload).
+    assert out["lowest_first"] == [1, 0, 1]
     assert out["memory_stats"]["allocated_bytes.all.current"] == 1 << 20
     assert out["max_memory_allocated"] == 1 << 20
     assert out["planned"] == 9 and out["fallbacks"] == 0 and out["steps"] == 3

@@ -205,6 +205,7 @@ class CudaArenaAllocator:
         self._open("restart the replay")
         if self._pool.stats().plan_bytes > 0:
             self._pool.unplan()
+        self._pool.set_lowest_first(True)  # as from install(): what the new workload keeps (its profile's) packs low
         self.replay_plan = None
         self.replay_note = ""
         self._steps = 0
