@@ -38,7 +38,7 @@ def train_rank(rank: int, world: int, args: argparse.Namespace) -> dict:
     config = json.loads(Path(args.config).read_text())
     if args.stage is not None:
         config["zero_optimization"] = {**config.get("zero_optimization", {}), "stage": args.stage}
-    model = hf_causal_lm("llama", num_hidden_layers=args.layers, attn_implementation="sdpa", use_cache=False)
+    model = hf_causal_lm("llama", num_hidden_layers=args.layers, attn_implementation="sdpa")
     batches = [hf_sample(seq=args.seq, seed=step + 1000 * rank) for step in range(args.steps)]
     engine, *_ = initialize(model=model, model_parameters=model.parameters(), config=config, sample=batches[0])
     handle = engine.memopt_handle

@@ -33,7 +33,7 @@ def train_rank(rank: int, world: int, args: argparse.Namespace) -> dict:
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    model = hf_causal_lm("llama", num_hidden_layers=args.layers, attn_implementation="sdpa", use_cache=False)
+    model = hf_causal_lm("llama", num_hidden_layers=args.layers, attn_implementation="sdpa")
     model.to(device)
     # bf16 compute on GPUs, with the sharded parameters and the gradient reduction in fp32
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else None

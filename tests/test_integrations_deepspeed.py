@@ -158,7 +158,7 @@ def test_configured_deepspeed_checkpointing_beside_memopt_is_refused(monkeypatch
 def _ds_llama():
     from memopt.testing import hf_causal_lm
 
-    return hf_causal_lm("llama", num_hidden_layers=4, attn_implementation="sdpa", use_cache=False)
+    return hf_causal_lm("llama", num_hidden_layers=4, attn_implementation="sdpa")  # use_cache=True, as the config builds it
 
 
 def _ds_config(stage: int, world: int, section: dict | None = None) -> dict:

@@ -24,7 +24,7 @@ def _llama(mp_dtype: torch.dtype | None = None, nested: bool = False, layers: in
 
     from memopt.testing import hf_causal_lm
 
-    model = hf_causal_lm("llama", num_hidden_layers=layers, attn_implementation="sdpa", use_cache=False)
+    model = hf_causal_lm("llama", num_hidden_layers=layers, attn_implementation="sdpa")  # use_cache=True, as the config builds it
     policy = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32 if mp_dtype else None)
     for layer in model.model.layers:
         if nested:
