@@ -48,7 +48,7 @@ except ImportError as error:  # pragma: no cover - exercised only without deepsp
 
 import memopt
 from memopt import distributed
-from memopt.zero import ZERO3_MAX_REUSE_DISTANCE, param_groups, shard_bytes, zero3_gathered_bytes
+from memopt.zero import ZERO3_MAX_REUSE_DISTANCE, param_groups, shard_bytes, zero3_gathered_bytes, zero_share
 
 __all__ = ["initialize", "shard_model_states"]
 
@@ -71,11 +71,10 @@ def shard_model_states(graph: memopt.TrainingGraph, zero_stage: int, world_size:
         max_reuse_distance (int): DeepSpeed's ``stage3_max_reuse_distance``.
     """
     _check_stage(zero_stage, world_size)
-    optimizer = shard_bytes(graph.optimizer_bytes, world_size) if zero_stage >= 1 else graph.optimizer_bytes
-    grads = shard_bytes(graph.grad_bytes, world_size) if zero_stage >= 2 else graph.grad_bytes
-    params, gathered = graph.param_bytes, 0
+    optimizer = zero_share(graph.optimizer_bytes, "optimizer", zero_stage, world_size)
+    grads = zero_share(graph.grad_bytes, "gradients", zero_stage, world_size)
+    params, gathered = zero_share(graph.param_bytes, "parameters", zero_stage, world_size), 0
     if zero_stage >= 3:
-        params = shard_bytes(graph.param_bytes, world_size)
         if group_bytes is None:
             group_bytes = param_groups([u.param_grad_bytes for u in graph.units], graph.param_bytes)
         gathered = zero3_gathered_bytes(group_bytes, graph.param_bytes, world_size,

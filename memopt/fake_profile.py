@@ -25,7 +25,7 @@ from .errors import MemoptError
 from .fake_adapters import add_lora, dequantized_bytes, nf4_bytes
 from .graph import TrainingGraph
 from .precision import OPTIMIZERS, optimizer_state_bytes, precision, step_traffic_bytes, step_workspace_bytes
-from .zero import param_groups, shard_bytes, zero3_gathered_bytes
+from .zero import param_groups, shard_bytes, zero3_gathered_bytes, zero_share
 from .hardware import Hardware
 
 __all__ = [
@@ -189,8 +189,8 @@ def model_states(n_params: int, setup: TrainingSetup, shapes: list[tuple[int, ..
     optimizer_bytes = states + conv.master_bytes * n_params
     shards = setup.world_size
 
-    def shard(nbytes: int, stage: int) -> int:
-        return shard_bytes(nbytes, shards) if setup.zero_stage >= stage else nbytes
+    def shard(nbytes: int, state: str) -> int:
+        return zero_share(nbytes, state, setup.zero_stage, shards)
 
     master = f" + fp{8 * conv.master_bytes} master copy" if conv.master_bytes else ""
     convention = (f"{conv.name}: params and grads {conv.param_bytes} B/param each; {setup.optimizer} states in "
@@ -198,8 +198,9 @@ def model_states(n_params: int, setup: TrainingSetup, shapes: list[tuple[int, ..
     if setup.zero_stage:
         sharded = ["optimizer", "gradients", "parameters"][: setup.zero_stage]
         convention += f"; ZeRO-{setup.zero_stage} shards {', '.join(sharded)} over {shards} GPUs"
-    return ModelStates(n_params=n_params, param_bytes=shard(conv.param_bytes * n_params + frozen_bytes, 3),
-                       grad_bytes=shard(conv.grad_bytes * n_params, 2), optimizer_bytes=shard(optimizer_bytes, 1),
+    return ModelStates(n_params=n_params, param_bytes=shard(conv.param_bytes * n_params + frozen_bytes, "parameters"),
+                       grad_bytes=shard(conv.grad_bytes * n_params, "gradients"),
+                       optimizer_bytes=shard(optimizer_bytes, "optimizer"),
                        convention=convention)
 
 
@@ -666,16 +667,16 @@ def resharded(graph: TrainingGraph, zero_stage: int, world_size: int) -> Trainin
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
     shards = world_size if zero_stage else 1
 
-    def shard(nbytes: int, stage: int) -> int:
-        return shard_bytes(nbytes, shards) if zero_stage >= stage else nbytes
+    def shard(nbytes: int, state: str) -> int:
+        return zero_share(nbytes, state, zero_stage, world_size)
 
     n_params = graph.meta["n_params"]
     gathered = zero3_gathered(graph, n_params, graph.meta["dtype"], world_size) if zero_stage == 3 else 0
     meta = dict(graph.meta, zero_stage=zero_stage, world_size=world_size)
     return dataclasses.replace(
-        graph, param_bytes=shard(whole["param_bytes"], 3), grad_bytes=shard(whole["grad_bytes"], 2),
-        optimizer_bytes=shard(whole["optimizer_bytes"], 1), sharding_degree=shards, gathered_param_bytes=gathered,
-        optimizer_step_bytes=shard(whole["optimizer_step_bytes"], 1),
+        graph, param_bytes=shard(whole["param_bytes"], "parameters"),
+        grad_bytes=shard(whole["grad_bytes"], "gradients"), optimizer_bytes=shard(whole["optimizer_bytes"], "optimizer"), sharding_degree=shards,
+        gathered_param_bytes=gathered, optimizer_step_bytes=shard(whole["optimizer_step_bytes"], "optimizer"),
         optimizer_step_s=whole["optimizer_step_s"] / shards, meta=meta)
 
 

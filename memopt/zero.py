@@ -6,12 +6,28 @@ count sharded model states alike. Torch-free.
 
 from __future__ import annotations
 
-__all__ = ["ZERO3_MAX_REUSE_DISTANCE", "param_groups", "shard_bytes", "zero3_gathered_bytes"]
+__all__ = ["SHARDED_FROM", "ZERO3_MAX_REUSE_DISTANCE", "param_groups", "shard_bytes", "zero3_gathered_bytes",
+           "zero_share"]
+
+#: The ZeRO stage from which each model state is sharded.
+SHARDED_FROM = {"optimizer": 1, "gradients": 2, "parameters": 3}
 
 
 def shard_bytes(nbytes: int, world_size: int) -> int:
     """One rank's share of ``nbytes`` sharded over ``world_size`` ranks (rounded up: the largest shard)."""
     return -(-nbytes // world_size)
+
+
+def zero_share(nbytes: int, state: str, zero_stage: int, world_size: int) -> int:
+    """One rank's bytes of a model state (``"optimizer"``, ``"gradients"`` or ``"parameters"``; the optimizer
+    step's temporaries go with the optimizer) under ZeRO ``zero_stage``: its shard from the stage that shards
+    it on, all of it below.
+
+    Example:
+        >>> zero_share(1000, "gradients", 1, 4), zero_share(1000, "gradients", 2, 4)
+        (1000, 250)
+    """
+    return shard_bytes(nbytes, world_size) if zero_stage >= SHARDED_FROM[state] else nbytes
 
 
 def param_groups(unit_bytes: list[int], param_bytes: int) -> list[int]:
