@@ -5,7 +5,9 @@ results/gpu_session-<date>/.
     python bench/gpu_results.py DIR [DIR ...]     # DIR: a bench/gpu_session.py output folder
 
 The rows keep the device, torch and memopt versions and the date of the machine that measured them (written
-there by train_gpu.py), not this machine's.
+there by train_gpu.py), not this machine's. Text files are filed with that machine's paths taken out
+(``scrub``): the checkout's become relative, the Python environment's ``<python>``, the output folder's
+``<out>``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -24,6 +27,30 @@ COLUMNS = ["method", "seq", "allocator", "step_s", "step_vs_none", "peak_alloc_g
            "reserved_vs_alloc", "predicted_peak_gib", "predicted_step_s", "decisions", "host_peak_gib",
            "device", "torch", "date"]
 KEPT = ("summary.json", "session.log", "env.json", "nvidia-smi.txt", "pytest_cuda.xml", "pytest_cuda_pools.xml")
+TEXT_SUFFIXES = (".json", ".log", ".txt", ".xml")
+_CHECKOUT = re.compile(r"/[^\s\"',:]*?/(?=(?:memopt|bench|tests|planners|integrations|examples)/)")
+_PYTHON = re.compile(r"/[^\s\"',:]*?/(?:bin/python3?(?:\.\d+)?|lib/python3\.\d+/site-packages)")
+_TMP = re.compile(r"/tmp/[^\s\"',:/]+")
+
+
+def scrub(text: str) -> str:
+    """A session's text without the measuring machine's paths: its checkout's prefix dropped (paths relative to
+    the repository), its Python environment ``<python>``, its output folder under /tmp ``<out>``.
+
+    Example:
+        >>> scrub("/work/x/memopt/_moalloc.so /opt/v/bin/python3 /opt/v/lib/python3.12/site-packages/pulp /tmp/gs2/a")
+        'memopt/_moalloc.so <python> <python>/pulp <out>/a'
+    """
+    text = _PYTHON.sub("<python>", text)
+    text = _CHECKOUT.sub("", text)
+    return _TMP.sub("<out>", text)
+
+
+def _keep(source: Path, target: Path) -> None:
+    if source.suffix in TEXT_SUFFIXES:
+        target.write_text(scrub(source.read_text(errors="replace")))
+    else:
+        shutil.copy2(source, target)
 
 
 def session_rows(folder: Path) -> list[dict]:
@@ -55,11 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         keep.mkdir(parents=True, exist_ok=True)
         for name in KEPT:
             if (folder / name).exists():
-                shutil.copy2(folder / name, keep / name)
+                _keep(folder / name, keep / name)
         for trace in [*folder.glob("train_gpu_*/trace_*"), *folder.glob("memory/memory_trace.json")]:
-            shutil.copy2(trace, keep / trace.name)
+            _keep(trace, keep / trace.name)
         for graph in folder.glob("train_gpu_*/graph_*.json"):  # live-profiled graphs: plan them again anywhere
-            shutil.copy2(graph, keep / f"{graph.parent.name}_{graph.name}")
+            _keep(graph, keep / f"{graph.parent.name}_{graph.name}")
     columns = list(dict.fromkeys(key for row in rows for key in row))
     path = RESULTS_DIR / "train_gpu.csv"
     old = list(csv.DictReader(path.open())) if path.exists() else []

@@ -107,7 +107,10 @@ def test_gpu_results_files_a_session_with_its_own_device(tmp_path, monkeypatch):
            "date": "2026-11-29"}
     (session / "train_gpu_16384" / "train_gpu.json").write_text(json.dumps([row]))
     (session / "train_gpu_16384" / "trace_memopt-match.json.gz").write_bytes(b"trace")
-    (session / "summary.json").write_text("{}")
+    # What the measuring machine wrote, its paths in it.
+    (session / "summary.json").write_text(json.dumps({"out": "/tmp/gs", "python": "/opt/env/bin/python3"}))
+    (session / "env.json").write_text(json.dumps({"moalloc": "/srv/checkout/memopt/_moalloc.so",
+                                                  "cbc": "/opt/env/lib/python3.12/site-packages/pulp/cbc"}))
     monkeypatch.setattr(gpu_results, "RESULTS_DIR", tmp_path / "results")
     monkeypatch.setattr(harness, "README", tmp_path / "README.md")
     (tmp_path / "results").mkdir()
@@ -116,6 +119,9 @@ def test_gpu_results_files_a_session_with_its_own_device(tmp_path, monkeypatch):
     assert "NVIDIA H200" in filed and "2.11.0+cu130" in filed  # the measuring machine's, not this one's
     kept = tmp_path / "results" / "gpu_session-20261129" / "session"
     assert (kept / "summary.json").exists() and (kept / "trace_memopt-match.json.gz").exists()
+    # Filed without the measuring machine's paths.
+    assert json.loads((kept / "summary.json").read_text()) == {"out": "<out>", "python": "<python>"}
+    assert json.loads((kept / "env.json").read_text()) == {"moalloc": "memopt/_moalloc.so", "cbc": "<python>/pulp/cbc"}
     assert "| none | 16384 | torch |" in (tmp_path / "README.md").read_text()
     with pytest.raises(SystemExit):
         gpu_results.main([str(tmp_path / "results")])  # not a session folder: says so
