@@ -100,7 +100,7 @@ def test_placed_lowest_first_before_arming_a_replayed_llama_reserves_at_most_2_p
     assert ratios[False, True] > ratios[True, True] and ratios[False, False] > 1.5, ratios
 
 
-def test_unplan_gives_every_region_back(from_start):
+def test_unplan_gives_every_region_back():
     pool = DevicePool.host(8 * MIB)
     blocks = [pool.alloc(n) for n in (100_000, 300_000, 50_000, 700_000, 20_000)]
     for b in blocks[::2]:

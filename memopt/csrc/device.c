@@ -324,7 +324,7 @@ static int reuse_pending(mo_dev *d, uint64_t nbytes, uint64_t stream, uint64_t *
 
 /* A heap block: the arena's own placement, or the lowest address that fits (lowest_first: the steps before a
  * replay is armed, so that what they leave alive packs low and a layout among it has no high block to clear). */
-static int place(mo_dev *d, uint64_t nbytes, uint64_t *offset, uint64_t *span, uint64_t *serial) {
+static int heap_place(mo_dev *d, uint64_t nbytes, uint64_t *offset, uint64_t *span, uint64_t *serial) {
     if (d->lowest_first) return mo_arena_alloc_lowest(d->arena, nbytes, d->alignment, offset, span, serial);
     return mo_arena_alloc(d->arena, nbytes, d->alignment, offset, span, serial, NULL);
 }
@@ -332,13 +332,13 @@ static int place(mo_dev *d, uint64_t nbytes, uint64_t *offset, uint64_t *span, u
 static int heap_alloc(mo_dev *d, uint64_t nbytes, uint64_t stream, uint64_t *address) {
     if (d->st.pending_blocks && reuse_pending(d, nbytes, stream, address)) return MO_OK;
     uint64_t offset, span, serial;
-    int rc = place(d, nbytes, &offset, &span, &serial);
+    int rc = heap_place(d, nbytes, &offset, &span, &serial);
     if (rc == MO_E_EXHAUSTED && d->st.pending_blocks) {
         /* Room may come back from pending frees: mark them all, then wait for the oldest until it fits. */
         seal_all(d);
         for (;;) {
             collect(d);
-            rc = place(d, nbytes, &offset, &span, &serial);
+            rc = heap_place(d, nbytes, &offset, &span, &serial);
             if (rc != MO_E_EXHAUSTED || !wait_oldest(d)) break;
         }
     }

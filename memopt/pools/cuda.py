@@ -131,8 +131,8 @@ class CudaArenaAllocator:
         with _active_lock:
             _installed[self.device] = self
         # Until a replay is armed the heap places blocks lowest first (see step()): from here, so that what
-        # lives long from before the first step (a profile's cuBLAS workspaces, made while its activations
-        # filled the bottom of the region) sits low too. A process that never calls step() keeps it: an
+        # lives long from before the first step (a profile's cuBLAS workspaces, which a best fit can place
+        # above the profile's activations) sits low too. A process that never calls step() keeps it: an
         # allocation then costs O(blocks) instead of a size-class lookup.
         self._pool.set_lowest_first(True)
 

@@ -7,8 +7,7 @@ freed later, once its events say they are done (``reclaim``). The device memory 
 is held by the store until the end of the next unit's forward (``end_unit``), when the compute stream waits
 for the copy (on the GPU, not the CPU) and lets it go: freed then, in the allocator's order of events, as the
 simulator has it ("swap in flight"), not whenever the CPU, running ahead, next sees the copy done (which is
-what ``record_stream`` did; with it the CUDA tests measured tiny models 2-7 % above their predicted peak).
-On CPU the same path runs with synchronous
+what ``record_stream`` would do). On CPU the same path runs with synchronous
 copies, so it is tested without a GPU; the CUDA calls go through one object (``CudaOps``) that a test can
 replace with fakes to run the asynchronous path on CPU tensors.
 """
@@ -200,10 +199,9 @@ class HostStore:
         ops = self.ops
         # The copy back lands in memory of the compute stream's own pool: once autograd frees it, the allocator
         # hands it to the next compute-stream tensor at once (stream order makes that safe). Memory taken on
-        # the copy stream and lent to the compute stream (record_stream) stays taken until the CPU, running
-        # ahead, sees the GPU done with it, and meanwhile the next copies take more: the CUDA tests measured
-        # a swap-heavy step at 2.8x its predicted peak that way. The copy waits for the compute stream's work
-        # queued so far, which may still use the memory: the gate the simulator gives it.
+        # the copy stream and lent to the compute stream (record_stream) would stay taken until the CPU, running
+        # ahead, saw the GPU done with it, while the next copies took more. The copy waits for the compute
+        # stream's work queued so far, which may still use the memory: the gate the simulator gives it.
         current = ops.current_stream()
         entry.device_copy = torch.empty(entry.shape, dtype=entry.dtype, device=entry.device)
         self.h2d_stream.wait_stream(current)
@@ -274,7 +272,7 @@ class HostStore:
         races a copy (a call from ``handle.remove()``, outside any hook: waiting is allowed here)."""
         if self.asynchronous:
             self.end_forward()
-        if self.asynchronous and self._unpin is not None and self._unpin.alive:
+        if self._unpin is not None and self._unpin.alive:  # pinned: asynchronous copies
             self.d2h_stream.synchronize()
             self.h2d_stream.synchronize()
             self._unpin()
