@@ -57,3 +57,24 @@ def test_alloc_from_start_trace_holds_the_models_blocks_before_its_first_step():
     freed_in_steps = {ident for ident, kind, _ in trace[marks[0]:marks[-1]] if kind == 1}
     # Parameters and AdamW states made before the first mark live through the steps (freed only at the end).
     assert len(before - freed_in_steps) > 10
+
+
+def test_target_bound_finds_the_budget_of_a_ratio_and_orders_its_variants():
+    import target_bound
+
+    from memopt.planners.synthetic import random_graph
+
+    graph = random_graph(4, seed=3)
+    state = graph.model_state_bytes / target_bound.GiB
+    none = target_bound.baseline_plan(graph, "none")
+    budget = (graph.model_state_bytes + 0.9 * (none.predicted_peak_bytes - graph.model_state_bytes)) / target_bound.GiB
+    row = target_bound.bound_rows(graph, budget, [1.05], "random-4")
+    assert all(isinstance(row[f"{name}_vs_none"], float) for name in target_bound.variants(graph)), row
+    # Fewer bytes held can only make the optimal step faster (within the MIP's relative gap).
+    assert row["no_grads_no_states_vs_none"] <= row["grads_freed_as_made_vs_none"] * 1.01
+    assert row["grads_freed_as_made_vs_none"] <= row["as_profiled_vs_none"] * 1.01
+    found = row["gib_for_1.05x"]
+    assert state < found
+    assert target_bound.step_ratio(graph, int(found * target_bound.GiB)) <= 1.05
+    below = target_bound.step_ratio(graph, int((found - 0.06) * target_bound.GiB))
+    assert below is None or below > 1.05
