@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             _keep(trace, keep / trace.name)
         for graph in folder.glob("train_gpu_*/graph_*.json"):  # live-profiled graphs: plan them again anywhere
             _keep(graph, keep / f"{graph.parent.name}_{graph.name}")
+        for log in folder.glob("train_gpu_*/departures_*.json"):  # the replay's fallbacks, and why
+            _keep(log, keep / f"{log.parent.name}_{log.name}")
     columns = list(dict.fromkeys(key for row in rows for key in row))
     path = RESULTS_DIR / "train_gpu.csv"
     old = list(csv.DictReader(path.open())) if path.exists() else []

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import gc
 import json
 import os
@@ -178,7 +179,11 @@ def _run(method: str, args, device, dtype, budget=None) -> dict:
                    replay_method=plan.method if plan is not None else "",
                    # "among": laid out in the gaps between the blocks alive when armed; "region": one region.
                    replay_layout="" if plan is None else "among" if plan.regions else "region",
-                   replay_regions=len(plan.regions) if plan is not None and plan.regions else int(plan is not None))
+                   replay_regions=len(plan.regions) if plan is not None and plan.regions else int(plan is not None),
+                   departures=departure_summary(stats))
+        if args.out is not None:  # which allocations left the plan, and why: the first 64 of them
+            (args.out / f"departures_{method}.json").write_text(
+                json.dumps([dataclasses.asdict(d) for d in arena.departures()], indent=0))
         arena.restart_replay()
     if args.trace and method == args.trace_method:
         row["trace"] = trace_step(model, opt, sample, device, args.out, method)
@@ -188,6 +193,14 @@ def _run(method: str, args, device, dtype, budget=None) -> dict:
     del model, opt, handle
     say(f"{method}: {row}")
     return row
+
+
+def departure_summary(stats) -> str:
+    """The replayed steps' fallbacks by reason: another size than planned, a planned range still held, a range
+    another stream may still use (``memopt.pools._device.Departure``)."""
+    if not stats.fallback_allocs:
+        return ""
+    return f"size {stats.size_departures} / busy {stats.busy_departures} / stream {stats.stream_conflicts}"
 
 
 def allocator_name(arena) -> str:

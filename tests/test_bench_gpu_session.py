@@ -97,6 +97,19 @@ def test_train_gpu_resets_peaks_after_profiling(monkeypatch):
     assert calls == ["optimize"]
 
 
+def test_train_gpu_sums_the_replays_departures_by_reason():
+    from memopt.pools._device import DevicePool
+
+    pool = DevicePool.host(1 << 20)
+    assert train_gpu.departure_summary(pool.stats()) == ""
+    pool.plan([4096], [0], 4096)
+    pool.step()
+    a, b = pool.alloc(4096), pool.alloc(4096)  # the second: past the plan's end
+    assert train_gpu.departure_summary(pool.stats()) == "size 1 / busy 0 / stream 0"
+    pool.free(a)
+    pool.free(b)
+
+
 def test_gpu_results_files_a_session_with_its_own_device(tmp_path, monkeypatch):
     import gpu_results
     import harness
@@ -107,6 +120,7 @@ def test_gpu_results_files_a_session_with_its_own_device(tmp_path, monkeypatch):
            "date": "2026-11-29"}
     (session / "train_gpu_16384" / "train_gpu.json").write_text(json.dumps([row]))
     (session / "train_gpu_16384" / "trace_memopt-match.json.gz").write_bytes(b"trace")
+    (session / "train_gpu_16384" / "departures_memopt-match.json").write_text("[]")
     # What the measuring machine wrote, its paths in it.
     (session / "summary.json").write_text(json.dumps({"out": "/tmp/gs", "python": "/opt/env/bin/python3"}))
     (session / "env.json").write_text(json.dumps({"moalloc": "/srv/checkout/memopt/_moalloc.so",
@@ -119,6 +133,7 @@ def test_gpu_results_files_a_session_with_its_own_device(tmp_path, monkeypatch):
     assert "NVIDIA H200" in filed and "2.11.0+cu130" in filed  # the measuring machine's, not this one's
     kept = tmp_path / "results" / "gpu_session-20261129" / "session"
     assert (kept / "summary.json").exists() and (kept / "trace_memopt-match.json.gz").exists()
+    assert (kept / "train_gpu_16384_departures_memopt-match.json").read_text() == "[]"
     # Filed without the measuring machine's paths.
     assert json.loads((kept / "summary.json").read_text()) == {"out": "<out>", "python": "<python>"}
     assert json.loads((kept / "env.json").read_text()) == {"moalloc": "memopt/_moalloc.so", "cbc": "<python>/pulp/cbc"}

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from memopt.errors import AllocatorError, DoubleFree, InvalidFree
-from memopt.pools._device import DevicePool
+from memopt.pools._device import Departure, DevicePool
 from memopt.pools._lib import InvalidRequest
 from memopt.pools._replay import find_repeated_block, plan_replay
 from memopt.testing import TinyGPT
@@ -155,6 +155,11 @@ def test_another_shape_falls_back_to_the_heap_and_stays_correct(trace64, trace48
     stats = pool.stats()
     assert stats.fallback_allocs > stats.planned_allocs  # sequence lengths differ: most sizes never match
     assert stats.fallback_allocs + stats.planned_allocs + stats.unplanned_allocs == allocations_after(trace48, 0)
+    assert stats.size_departures + stats.busy_departures + stats.stream_conflicts == stats.fallback_allocs
+    log = pool.departures()  # the first 64, in order: each asked bytes its position was not planned for
+    assert len(log) == 64 < stats.fallback_allocs
+    assert [d.step for d in log] == sorted(d.step for d in log) and log[0].step == 1
+    assert all(d.nbytes != d.planned_nbytes for d in log if d.reason == "size")
     pool.check()
 
 
@@ -188,7 +193,8 @@ def test_a_planned_block_kept_past_its_step_is_never_overwritten():
     pool.step()
     kept = replayer.alloc(1, 4096)  # planned; not freed in this step
     second = replayer.alloc(2, 4096)  # planned at the same offset, which is still in use: the heap
-    assert second != kept and pool.stats().fallback_allocs == 1
+    assert second != kept and pool.stats().fallback_allocs == pool.stats().busy_departures == 1
+    assert pool.departures() == [Departure(step=1, position=1, nbytes=4096, planned_nbytes=4096, reason="busy")]
     pool.step()
     again = replayer.alloc(3, 4096)
     assert again != kept  # position 0's range is still live: the heap again
@@ -218,6 +224,7 @@ def test_a_planned_range_waits_for_the_stream_that_freed_it():
     assert c == d == a
     stats = pool.stats()
     assert stats.planned_allocs == 3 and stats.fallback_allocs == 1 and stats.stream_conflicts == 1
+    assert pool.departures() == [Departure(step=1, position=1, nbytes=4096, planned_nbytes=4096, reason="stream")]
     pool.collect()
     fake.run(2)
     pool.collect()
@@ -336,3 +343,21 @@ def test_each_placement_order_gives_a_valid_layout_and_a_bad_one_is_named():
                 assert not (s1 < e2 and s2 < e1 and o1 < o2 + b2 and o2 < o1 + b1), (order, i, j)
     with pytest.raises(ValueError, match="'widest'"):
         plan_layout(tensors, order="widest")
+
+
+def test_a_size_departure_names_the_position_and_the_bytes_planned_there():
+    pool = DevicePool.host(4 * MIB)
+    pool.plan([4096, 8192], [0, 4096], 12288)
+    pool.step()
+    a = pool.alloc(4096)  # position 0
+    b = pool.alloc(512)  # no position within the lookahead asks 512 bytes
+    c = pool.alloc(8192)  # position 1
+    d = pool.alloc(8192)  # past the plan's end
+    stats = pool.stats()
+    assert stats.planned_allocs == 2 and stats.fallback_allocs == stats.size_departures == 2
+    assert pool.departures() == [Departure(1, 1, 512, 8192, "size"), Departure(1, 2, 8192, 0, "size")]
+    for x in (a, b, c, d):
+        pool.free(x)
+    pool.unplan()
+    assert pool.departures() == []  # the log goes with its plan
+    pool.check()

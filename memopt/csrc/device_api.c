@@ -240,6 +240,20 @@ MO_API int mo_dev_set_lowest_first(uint64_t handle, int on) { WITH_DEV(handle, d
 
 MO_API int mo_dev_unplan(uint64_t handle) { WITH_DEV(handle, mo_replay_unplan(d)); }
 
+static int dev_departures(mo_dev *d, uint64_t cap, mo_departure_t *out, uint64_t *count) {
+    const mo_plan *p = &d->plan;
+    if (cap && !out) return mo_fail(MO_E_INVALID_ARG, "no buffer for %llu departures", (unsigned long long)cap);
+    uint64_t n = p->n_departures < cap ? p->n_departures : cap;
+    if (n) memcpy(out, p->departures, n * sizeof(mo_departure_t));
+    *count = p->n_departures;
+    return MO_OK;
+}
+
+MO_API int mo_dev_departures(uint64_t handle, uint64_t cap, mo_departure_t *out, uint64_t *count) {
+    if (!count) return mo_fail(MO_E_INVALID_ARG, "count must not be NULL");
+    WITH_DEV(handle, dev_departures(d, cap, out, count));
+}
+
 static int dev_step(mo_dev *d) {
     if (d->plan.armed) {
         d->plan.cursor = 0;

@@ -84,6 +84,8 @@ typedef struct mo_range {
     uint8_t piece;    /* what is left of a freed range that an allocation on its own stream overlapped in part */
 } mo_range;
 
+#define MO_DEV_DEPARTURES 64u /* departures from a plan logged (mo_dev_departures) */
+
 typedef struct mo_plan {
     int armed;
     uint64_t count;           /* positions */
@@ -97,6 +99,8 @@ typedef struct mo_plan {
     mo_range *ranges;         /* sorted by offset, disjoint */
     uint64_t n_ranges, range_cap;
     uint64_t live_bytes;      /* requested bytes of the live planned blocks */
+    mo_departure_t departures[MO_DEV_DEPARTURES]; /* the first departures from the plan, in order */
+    uint64_t n_departures;
 } mo_plan;
 
 typedef struct mo_dev {

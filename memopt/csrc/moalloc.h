@@ -41,7 +41,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a signature or mo_stats_t changes; the Python loader refuses a mismatch. */
-#define MO_ABI_VERSION 5u
+#define MO_ABI_VERSION 6u
 
 /* Offsets and block spans are multiples of this many bytes. */
 #define MO_GRANULE_BYTES 16u
@@ -199,7 +199,24 @@ typedef struct mo_dev_stats {
     uint64_t recorded_allocs;      /* allocations in the last recorded step */
     uint64_t recording;            /* 1 while a step is being recorded */
     uint64_t lowest_first;         /* 1 while the heap places blocks lowest first (mo_dev_set_lowest_first) */
+    uint64_t size_departures;      /* fallbacks asking bytes no plan position near the cursor asks (or past its end) */
+    uint64_t busy_departures;      /* fallbacks whose planned range still held a live planned block */
 } mo_dev_stats_t;
+
+/* Why an allocation of a replayed step left the plan (mo_dev_departures). */
+enum {
+    MO_DEPART_SIZE = 1,   /* no position within the lookahead asks these bytes, or the plan's end was passed */
+    MO_DEPART_BUSY = 2,   /* its position's range still holds a live planned block (one kept longer than recorded) */
+    MO_DEPART_STREAM = 3, /* its range was freed on another stream whose work may still use it */
+    MO_DEPART_NOMEM = 4   /* no host memory to split the planned ranges */
+};
+
+/* One departure from the plan: the replayed step it happened in (mo_dev_stats_t.replay_steps then), the plan
+ * position the cursor was at (the position taken, for BUSY and STREAM), the bytes asked for and the bytes that
+ * position was planned for (0 past the plan's end). */
+typedef struct mo_departure {
+    uint64_t step, position, nbytes, planned_nbytes, reason;
+} mo_departure_t;
 
 MO_API size_t mo_dev_stats_size(void);
 /* A device pool over [base_address, base_address + capacity_bytes). base is the host address of the memory
@@ -243,6 +260,9 @@ MO_API int mo_dev_plan_at(uint64_t handle, uint64_t count, const uint64_t *nbyte
 MO_API int mo_dev_set_lowest_first(uint64_t handle, int on);
 /* Disarms replay and gives the regions back (fails while a planned block is live). */
 MO_API int mo_dev_unplan(uint64_t handle);
+/* The first departures from the armed plan (at most MO_DEV_DEPARTURES of them, in order; the counters in
+ * mo_dev_stats_t count them all): up to cap are written to out and *count says how many were logged. */
+MO_API int mo_dev_departures(uint64_t handle, uint64_t cap, mo_departure_t *out, uint64_t *count);
 /* A step begins: the next allocation is the plan's first. */
 MO_API int mo_dev_step(uint64_t handle);
 MO_API int mo_dev_check(uint64_t handle);

@@ -91,6 +91,18 @@ static void range_unref(mo_dev *d, mo_range *g) {
     for (uint32_t k = 0; k < g->n_extra; k++) mo_dev_marker_unref(d, g->extra[k]);
 }
 
+/* A departure from the plan: counted (the reason's own counter too) and, among the first ones, logged. */
+static void depart(mo_dev *d, uint64_t position, uint64_t nbytes, uint64_t reason) {
+    mo_plan *p = &d->plan;
+    d->st.fallback_allocs++;
+    if (reason == MO_DEPART_SIZE) d->st.size_departures++;
+    else if (reason == MO_DEPART_BUSY) d->st.busy_departures++;
+    else if (reason == MO_DEPART_STREAM) d->st.stream_conflicts++;
+    if (p->n_departures < MO_DEV_DEPARTURES)
+        p->departures[p->n_departures++] = (mo_departure_t){
+            d->st.replay_steps, position, nbytes, position < p->count ? p->nbytes[position] : 0, reason};
+}
+
 /* The plan position this allocation is: the cursor's, else one of the next few asking for these bytes. */
 static int next_position(mo_plan *p, uint64_t nbytes, uint64_t *pos) {
     uint64_t q = p->cursor, end = p->cursor + 1 + MO_DEV_LOOKAHEAD;
@@ -106,7 +118,7 @@ int mo_replay_alloc(mo_dev *d, uint64_t nbytes, uint64_t stream, uint64_t *addre
     mo_plan *p = &d->plan;
     uint64_t pos;
     if (!next_position(p, nbytes, &pos)) {
-        d->st.fallback_allocs++;
+        depart(d, p->cursor, nbytes, MO_DEPART_SIZE);
         return 0;
     }
     uint64_t offset = p->offsets[pos];
@@ -119,8 +131,7 @@ int mo_replay_alloc(mo_dev *d, uint64_t nbytes, uint64_t stream, uint64_t *addre
     for (; last < p->n_ranges && p->ranges[last].offset < offset + span; last++) {
         mo_range *g = &p->ranges[last];
         if (!g->freed || !range_reusable(d, g, stream, &waits)) {
-            d->st.fallback_allocs++;
-            d->st.stream_conflicts += waits;
+            depart(d, pos, nbytes, waits ? MO_DEPART_STREAM : MO_DEPART_BUSY);
             return 0;
         }
     }
@@ -134,7 +145,7 @@ int mo_replay_alloc(mo_dev *d, uint64_t nbytes, uint64_t stream, uint64_t *addre
         uint64_t cap = p->range_cap * 2;
         mo_range *grown = realloc(p->ranges, cap * sizeof(mo_range));
         if (!grown) {
-            d->st.fallback_allocs++;
+            depart(d, pos, nbytes, MO_DEPART_NOMEM);
             return 0;
         }
         p->ranges = grown;

@@ -17,7 +17,7 @@ from memopt.errors import AllocatorError
 from . import _lib
 from .arena import ArenaStats, _stats_from
 
-__all__ = ["DevicePool", "DeviceStats", "StreamOps"]
+__all__ = ["DEPARTURE_REASONS", "Departure", "DevicePool", "DeviceStats", "StreamOps"]
 
 
 class StreamOps(Protocol):
@@ -72,6 +72,9 @@ class DeviceStats:
         recorded_allocs (int): allocations in the last recorded step.
         recording (int): 1 while a step is being recorded.
         lowest_first (int): 1 while the heap places blocks lowest first (``set_lowest_first``).
+        size_departures (int): fallbacks asking bytes no plan position near the cursor asks, or past its end.
+        busy_departures (int): fallbacks whose planned range still held a live planned block (a tensor kept
+            longer than in the recorded step).
     """
 
     capacity_bytes: int
@@ -102,6 +105,33 @@ class DeviceStats:
     recorded_allocs: int
     recording: int
     lowest_first: int
+    size_departures: int
+    busy_departures: int
+
+
+#: Why an allocation of a replayed step left the plan (``Departure.reason``), as moalloc.h's MO_DEPART_*.
+DEPARTURE_REASONS = {1: "size", 2: "busy", 3: "stream", 4: "nomem"}
+
+
+@dataclass(frozen=True)
+class Departure:
+    """One allocation of a replayed step served by the heap instead of the plan.
+
+    Attributes:
+        step (int): the replayed step it happened in (``DeviceStats.replay_steps`` then, from 1).
+        position (int): the plan position the cursor was at (for ``busy`` and ``stream``, the position taken).
+        nbytes (int): bytes asked for.
+        planned_nbytes (int): bytes that position was planned for (0 past the plan's end).
+        reason (str): ``"size"`` (no position within the lookahead asks these bytes), ``"busy"`` (the range
+            still held a live planned block), ``"stream"`` (freed on another stream, whose work may still use
+            it) or ``"nomem"`` (no host memory to split the planned ranges).
+    """
+
+    step: int
+    position: int
+    nbytes: int
+    planned_nbytes: int
+    reason: str
 
 
 def _make_ops(ops: Any) -> tuple[_lib.MoDevOps, list]:
@@ -283,6 +313,15 @@ class DevicePool:
     def unplan(self) -> None:
         """Disarm replay and give the planned region back to the heap."""
         self._call("unplan", "mo_dev_unplan")
+
+    def departures(self) -> list[Departure]:
+        """The first departures from the armed plan, in order (at most 64; ``stats()`` counts them all); empty
+        without a plan."""
+        raw = (_lib.MoDeparture * 64)()
+        count = ctypes.c_uint64()
+        self._call("list the departures from the plan", "mo_dev_departures", 64, raw, ctypes.byref(count))
+        return [Departure(r.step, r.position, r.nbytes, r.planned_nbytes, DEPARTURE_REASONS.get(r.reason, str(r.reason)))
+                for r in raw[:min(count.value, 64)]]
 
     def step(self) -> None:
         """A step begins: the next allocation is the plan's first."""

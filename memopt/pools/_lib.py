@@ -20,10 +20,10 @@ from pathlib import Path
 
 from memopt.errors import AllocatorError, ArenaExhausted, CorruptionError, DoubleFree, InvalidFree
 
-__all__ = ["ABI_VERSION", "GRANULE_BYTES", "UNPLANNED", "InvalidRequest", "MoDevOps", "MoDevStats", "MoStats", "error_for",
+__all__ = ["ABI_VERSION", "GRANULE_BYTES", "UNPLANNED", "InvalidRequest", "MoDeparture", "MoDevOps", "MoDevStats", "MoStats", "error_for",
            "library", "library_path"]
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 GRANULE_BYTES = 16
 OK, E_INVALID_ARG, E_EXHAUSTED, E_DOUBLE_FREE, E_INVALID_FREE, E_CORRUPTION, E_BAD_HANDLE, E_NOMEM, E_CUDA = range(9)
 F_CANARIES, F_POISON, F_ZERO_SMALL = 1, 2, 4
@@ -59,8 +59,14 @@ class MoDevStats(ctypes.Structure):
         "pending_bytes", "pending_blocks", "peak_pending_bytes", "deferred_frees", "stream_reuses", "markers_recorded",
         "marker_waits", "marker_errors", "sync_frees", "overflow_allocs", "overflow_bytes", "failed_allocs",
         "plan_bytes", "plan_positions", "replay_steps", "planned_allocs", "fallback_allocs", "unplanned_allocs",
-        "stream_conflicts", "recorded_allocs", "recording", "lowest_first",
+        "stream_conflicts", "recorded_allocs", "recording", "lowest_first", "size_departures", "busy_departures",
     )]
+
+
+class MoDeparture(ctypes.Structure):
+    """Mirror of ``mo_departure_t`` in moalloc.h."""
+
+    _fields_ = [(name, ctypes.c_uint64) for name in ("step", "position", "nbytes", "planned_nbytes", "reason")]
 
 
 RECORD_FN = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64)
@@ -191,6 +197,7 @@ def _signatures() -> dict[str, tuple]:
         "mo_dev_plan_at": (i, [u64, u64, p64, p64, u64, p64, p64]),
         "mo_dev_free_runs": (i, [u64, u64, p64, p64, p64]),
         "mo_dev_set_lowest_first": (i, [u64, i]),
+        "mo_dev_departures": (i, [u64, u64, ctypes.POINTER(MoDeparture), p64]),
         "mo_dev_unplan": (i, [u64]),
         "mo_dev_step": (i, [u64]),
         "mo_dev_check": (i, [u64]),

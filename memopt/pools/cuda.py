@@ -32,7 +32,7 @@ import torch
 from memopt.errors import AllocatorError, CorruptionError
 
 from . import _lib
-from ._device import DevicePool, DeviceStats
+from ._device import Departure, DevicePool, DeviceStats
 from .arena import DEFAULT_QUARANTINE_BLOCKS, ArenaStats
 
 __all__ = ["CudaArenaAllocator", "cuda_allocator", "max_memory_allocated", "max_memory_reserved", "memory_allocated",
@@ -261,6 +261,12 @@ class CudaArenaAllocator:
         """The pool's counters: live and reserved bytes with their peaks, pending frees, replay."""
         self._open("report stats")
         return self._pool.stats()
+
+    def departures(self) -> list[Departure]:
+        """The first allocations of the replayed steps that the plan could not serve, and why (at most 64; see
+        ``DevicePool.departures``); empty while no plan is armed."""
+        self._open("list the departures from the plan")
+        return self._pool.departures()
 
     def memory_stats(self) -> dict[str, int]:
         """torch.cuda.memory_stats()'s main keys, from this arena (torch raises under a pluggable allocator).
