@@ -136,11 +136,15 @@ def record_steps(step_fn, steps: int, setup_fn=None) -> list[tuple]:
     return out
 
 
-def recorded_trace(hidden: int, layers: int, seq: int, steps: int, min_ops: int, from_start: bool = False) -> list[tuple]:
+def recorded_trace(hidden: int, layers: int, seq: int, steps: int, min_ops: int, from_start: bool = False,
+                   memopt_budget: float | None = None) -> list[tuple]:
     """CPU allocations of ``steps`` training steps of a tiny Llama (forward, backward, AdamW step), with
     their step boundaries, repeated up to ``min_ops``. ``from_start``: the model's creation and the first step
     are recorded before the first mark (parameters and AdamW states then sit in the trace's memory among what
-    the first step freed, as on a GPU where everything shares one arena), and the trace is not repeated."""
+    the first step freed, as on a GPU where everything shares one arena), and the trace is not repeated.
+    ``memopt_budget`` (with ``from_start``): ``memopt.optimize`` profiles and plans the model at that fraction
+    of its activation peak after its creation, before the first step, as a user does (and as bench/train_gpu.py
+    does for ``memopt-match``): the profile's steps then leave their own blocks among the long-lived ones."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -154,6 +158,11 @@ def recorded_trace(hidden: int, layers: int, seq: int, steps: int, min_ops: int,
         torch.manual_seed(0)
         state["model"] = LlamaForCausalLM(config)
         state["optimizer"] = torch.optim.AdamW(state["model"].parameters(), lr=1e-3)
+        if memopt_budget is not None:
+            import memopt
+
+            state["handle"] = memopt.optimize(state["model"], {"input_ids": ids, "labels": ids}, memopt_budget,
+                                              optimizer=state["optimizer"])
 
     def step():
         state["model"](input_ids=ids, labels=ids).loss.backward()
@@ -161,7 +170,12 @@ def recorded_trace(hidden: int, layers: int, seq: int, steps: int, min_ops: int,
         state["optimizer"].zero_grad(set_to_none=True)
 
     if from_start:
-        return record_steps(step, steps, setup_fn=setup)
+        trace = record_steps(step, steps, setup_fn=setup)
+        if "handle" in state:
+            state["handle"].remove()
+        return trace
+    if memopt_budget is not None:
+        raise ValueError("memopt_budget is recorded from the model's creation: pass from_start=True")
     setup()
     one = record_steps(step, steps)
     return one * max(1, math.ceil(min_ops / len(one)))
@@ -376,6 +390,9 @@ def main() -> None:
         "llama-h256-step": lambda: recorded_trace(256, 4, 512, steps=2, min_ops=200_000 // scale),
         # Opt-in: the same model from its creation, for the replayed layout among long-lived blocks.
         "llama-h256-from-start": lambda: recorded_trace(256, 4, 512, steps=6, min_ops=0, from_start=True),
+        # Opt-in: the same with memopt's profile and plan (half the activation peak) before the first step.
+        "llama-h256-memopt-from-start": lambda: recorded_trace(256, 4, 512, steps=6, min_ops=0, from_start=True,
+                                                               memopt_budget=0.5),
     }
     if args.traces:
         unknown = set(args.traces.split(",")) - set(traces)
@@ -383,7 +400,7 @@ def main() -> None:
             raise SystemExit(f"unknown traces {sorted(unknown)}; choose from {sorted(traces)}")
         traces = {k: v for k, v in traces.items() if k in args.traces.split(",")}
     else:
-        traces = {k: v for k, v in traces.items() if not k.endswith("from-start")}
+        traces = {k: v for k, v in traces.items() if not k.endswith("from-start")}  # the opt-in ones
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
