@@ -190,6 +190,25 @@ def test_training_step_never_synchronises_on_cuda(monkeypatch):
     runtime.close()
 
 
+def _allocation_timeline(layers, base: int) -> tuple[list[str], list]:
+    """Allocated MiB (above ``base``) as each layer's forward ends (``f<i>``) and as its backward begins
+    (``b<i>``, when its output's gradient arrives): where a step's bytes go, read off the allocator's counters
+    (no synchronisation). Tensor hooks only, as memopt's own: the autograd graph is unchanged."""
+    timeline: list[str] = []
+
+    def mark(label: str) -> None:
+        timeline.append(f"{label}:{(torch.cuda.memory_allocated() - base) / 2**20:.1f}")
+
+    def after_forward(index, _module, _args, out):
+        mark(f"f{index}")
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(lambda grad: mark(f"b{index}"))
+
+    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: after_forward(i, m, a, o))
+             for i, layer in enumerate(layers)]
+    return timeline, hooks
+
+
 # -- finding 5: the plan holds the workspaces the meter cannot see -------------------------------------------------
 
 def test_cuda_peak_within_budget(record_property):
@@ -205,15 +224,24 @@ def test_cuda_peak_within_budget(record_property):
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    model(ids).backward()  # the same step without memopt, for the record
+    torch.cuda.synchronize()
+    unoptimised = torch.cuda.max_memory_allocated() - base
     handle = memopt.optimize(model, ids, 0.5)
     assert handle.graph.meta["device_workspace_bytes"] > 0  # cuBLAS's, counted in the fixed bytes
     torch.cuda.reset_peak_memory_stats()
     before_step = torch.cuda.memory_allocated() - base
+    timeline, hooks = _allocation_timeline(model.layers, base)
     model(ids).backward()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
+    for hook in hooks:
+        hook.remove()
     stats = handle.stats()
     handle.remove()
+    record_property("unoptimised_peak", unoptimised)
+    record_property("timeline_mib", " ".join(timeline))
     for key in ("swapped_bytes_total", "refused_bytes", "off_device_bytes", "host_peak_bytes"):
         record_property(key, stats.get(key))
     record_property("allocated_before_step", before_step)
