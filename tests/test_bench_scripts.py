@@ -78,3 +78,30 @@ def test_target_bound_finds_the_budget_of_a_ratio_and_orders_its_variants():
     assert target_bound.step_ratio(graph, int(found * target_bound.GiB)) <= 1.05
     below = target_bound.step_ratio(graph, int((found - 0.06) * target_bound.GiB))
     assert below is None or below > 1.05
+
+
+def test_trace_gaps_finds_the_idle_and_prices_a_host_wait(tmp_path):
+    import gzip
+    import json
+
+    import trace_gaps
+
+    # One stream: 10 us kernels every 10 us (no idle) for 100 ms, but for 5 ms of idle after a 40 ms host wait.
+    events, t = [], 0.0
+    while t < 100_000:
+        if 50_000 <= t < 55_000:
+            t = 55_000.0
+        events.append({"cat": "kernel", "ts": t, "dur": 10.0, "args": {"stream": 7}})
+        t += 10.0
+    events.append({"cat": "kernel", "ts": 0.0, "dur": 5.0, "args": {"stream": 9}})  # a copy stream
+    events.append({"cat": "cpu_op", "name": "autograd::engine::evaluate_function: Head", "ts": 9_000.0, "dur": 41_500.0})
+    events.append({"cat": "cpu_op", "name": "aten::_local_scalar_dense", "ts": 10_000.0, "dur": 40_000.0})
+    events.append({"cat": "cpu_op", "name": "aten::_local_scalar_dense", "ts": 70_000.0, "dur": 500.0})  # short
+    path = tmp_path / "s" / "d" / "trace.json.gz"
+    path.parent.mkdir(parents=True)
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    row = trace_gaps.analyse(path, 10.0)
+    assert row["stream"] == 7 and row["idle_ms"] == 5.0 and row["median_idle_ms_per_window"] == 0.0
+    assert row["host_waits_over_1ms"] == 1
+    assert row["after_each_wait"] == "10.0 ms in autograd::engine::evaluate_function: Head: waited 40.0 ms, GPU idle +5.00 ms"
