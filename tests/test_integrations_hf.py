@@ -44,7 +44,8 @@ def test_trainer_with_memopt_is_exact_and_cleans_up(tmp_path):
     from memopt.integrations.hf import MemoptCallback
 
     reference, _ = _train(tmp_path / "ref", [])
-    callback = MemoptCallback(0.4, memopt.MemoptConfig(allow_swap=False))
+    # exact=True: a chunked LM head (trained here) would regroup its weight's gradient; see test_head.py.
+    callback = MemoptCallback(0.4, memopt.MemoptConfig(allow_swap=False, exact=True))
     seen = {}
 
     class Spy(transformers.TrainerCallback):
@@ -81,7 +82,7 @@ def test_trainer_gradient_checkpointing_is_replaced_then_restored(tmp_path):
             seen.append(model.is_activation_checkpointing)
 
     reference, _ = _train(tmp_path / "ref", [], gradient_checkpointing=True)
-    callback = MemoptCallback(0.5)
+    callback = MemoptCallback(0.5, memopt.MemoptConfig(exact=True))  # the head unchunked: every gradient bitwise
     with pytest.warns(UserWarning, match="gradient checkpointing is turned off"):
         model, _ = _train(tmp_path / "memopt", [callback, Watch()], gradient_checkpointing=True)
     assert seen and not any(seen), "memopt's plan, not Hugging Face checkpointing, recomputes during the run"
