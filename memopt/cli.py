@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import BudgetError, MemoptError
 from .hardware import Hardware
-from .units import format_budget, format_bytes, parse_bytes
+from .units import format_budget, format_bytes, parse_budget, parse_bytes
 
 __all__ = ["main"]
 
@@ -64,7 +64,7 @@ class _Progress:
 
 def _budget(text: str) -> str:
     try:
-        parse_bytes(text, what="--budget")
+        parse_budget(text, what="--budget")
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
@@ -111,8 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--seq", type=int, required=True, help="tokens per sequence")
     plan.add_argument("--batch", type=int, default=1, help="sequences per step on one GPU (default 1)")
     plan.add_argument("--budget", type=_budget, default=None,
-                      help="whole-step device memory, model states included, e.g. 40GiB; default: the GPU's memory "
-                           "(then the fastest plan that fits the GPU)")
+                      help="whole-step device memory, model states included, e.g. 40GiB; or a fraction of the "
+                           "activation peak, e.g. 0.5 or 50%%; default: the GPU's memory (then the fastest plan that "
+                           "fits the GPU)")
     plan.add_argument("--gpu", type=_gpu, default=Hardware.preset("h100"), help="GPU preset (default h100)")
     plan.add_argument("--precision", choices=list(PRECISIONS), default=None,
                       help="precision convention: bf16-mixed (bf16 params and grads, fp32 optimizer states and master "
@@ -237,6 +238,7 @@ def _budget_message(graph, setup, exc: BudgetError, budget_bytes: int, budget_te
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .api import plan as solve_plan
+    from .api import resolve_budget
     from .config import MemoptConfig
     from .fake_profile import TrainingSetup, fake_profile
     from .report import PlanReport, render_breakdown, render_html, render_text
@@ -250,8 +252,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     budget = args.budget if args.budget is not None else hardware.device_bytes
-    budget_text = args.budget if args.budget is not None else f"{format_bytes(hardware.device_bytes)} ({hardware.name})"
-    budget_bytes = parse_bytes(budget, what="--budget")
     request = {"model": args.model, "seq": args.seq, "batch": args.batch, "dtype": setup.dtype,
                "precision": setup.precision, "grad_accum": setup.grad_accumulation, "lora": setup.lora_rank,
                "qlora": setup.qlora, "qst": setup.qst,
@@ -260,6 +260,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     progress = _Progress(enabled=not args.quiet)
     _quiet_transformers()
     graph = fake_profile(args.model, setup, hardware, attn_implementation=args.attn_impl, progress=progress)
+    budget_bytes = resolve_budget(graph, budget)
+    if args.budget is None:
+        budget_text = f"{format_bytes(hardware.device_bytes)} ({hardware.name})"
+    elif isinstance(parse_budget(budget), float):
+        budget_text = f"{args.budget} of the activation peak ({format_bytes(budget_bytes)})"
+    else:
+        budget_text = args.budget
     progress(f"solving the plan (time limit {args.time_limit:g} s)")
     try:
         config = MemoptConfig(time_limit_s=args.time_limit)

@@ -50,8 +50,8 @@ def parse_bytes(value: int | str, *, what: str = "size") -> int:
 
 def parse_budget(value: int | float | str, *, what: str = "budget") -> int | float:
     """A budget as users write it: bytes (an int, a whole float such as JSON's ``12e9``, or ``"12GiB"``), or a
-    fraction of the activation peak (a float in (0, 1], or a string such as ``"0.5"`` from a command line or
-    a JSON config).
+    fraction of the activation peak (a float in (0, 1], or a string such as ``"0.5"`` or ``"50%"`` from a
+    command line or a JSON config).
 
     Args:
         value (int | float | str): the budget.
@@ -64,9 +64,17 @@ def parse_budget(value: int | float | str, *, what: str = "budget") -> int | flo
         ValueError: neither a positive byte count nor a fraction in (0, 1].
 
     Example:
-        >>> parse_budget("0.5"), parse_budget(12e9), parse_budget("1GiB")
-        (0.5, 12000000000, 1073741824)
+        >>> parse_budget("0.5"), parse_budget("25%"), parse_budget(12e9), parse_budget("1GiB")
+        (0.5, 0.25, 12000000000, 1073741824)
     """
+    if isinstance(value, str) and value.strip().endswith("%"):
+        number = value.strip()[:-1].strip()
+        m = _PATTERN.match(number)
+        percent = float(number) if m is not None and not m.group(2) else None
+        if percent is None or not 0 < percent <= 100:
+            raise ValueError(f"{what} {value!r} is not a percentage in (0, 100] of the activation peak; pass e.g. "
+                             "'50%' (or 0.5), or bytes such as '12GiB'")
+        return percent / 100
     if isinstance(value, str):
         m = _PATTERN.match(value)
         if m is not None and not m.group(2) and any(c in m.group(1) for c in ".eE"):

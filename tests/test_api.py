@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import memopt
 from memopt.testing import TinyMLP, hf_causal_lm, hf_sample, max_difference, snapshot, train
@@ -116,7 +117,8 @@ def test_other_batch_shape_falls_back_to_exact_recompute_and_replan_adapts():
 
 
 @pytest.mark.parametrize("written, meant", [
-    ("0.5", 0.5), ("0.25", 0.25), (12e9, 12_000_000_000), ("1e9", 1_000_000_000), ("12GiB", 12 << 30), (4096, 4096),
+    ("0.5", 0.5), ("0.25", 0.25), ("50%", 0.5), (" 25 %", 0.25), ("100%", 1.0), (12e9, 12_000_000_000),
+    ("1e9", 1_000_000_000), ("12GiB", 12 << 30), (4096, 4096),
 ])
 def test_budgets_as_users_write_them(written, meant):
     """A fraction written as a string (a command line, a JSON config) is a fraction; a whole float (JSON's 12e9)
@@ -125,6 +127,12 @@ def test_budgets_as_users_write_them(written, meant):
     assert memopt.api.resolve_budget(graph, written) == memopt.api.resolve_budget(graph, meant)
     if written == "0.5":
         assert memopt.plan(graph, written).budget_bytes == memopt.plan(graph, meant).budget_bytes
+
+
+@pytest.mark.parametrize("written", ["150%", "0%", "-5%", "half%", "%"])
+def test_a_percentage_outside_0_to_100_is_refused_by_name(written):
+    with pytest.raises(ValueError, match=r"is not a percentage in \(0, 100\]"):
+        memopt.units.parse_budget(written)
 
 
 def test_a_failed_replan_leaves_the_running_plan_in_place():
@@ -339,6 +347,11 @@ def _frozen():
     return model
 
 
+def _hf_llama():
+    pytest.importorskip("transformers")
+    return hf_causal_lm("llama", num_hidden_layers=2)
+
+
 def _meta():
     with torch.device("meta"):
         return TinyMLP(depth=6)
@@ -350,7 +363,12 @@ def _meta():
     (_Plain, _x, {"loss_fn": lambda output, sample: output}, ValueError,
      r"loss_fn returned a tensor of shape \(2, 256, 64\); it must return a scalar"),
     (_mlp, lambda: (_x(), torch.zeros(2)), {}, TypeError, r"as model\(\*sample\) failed.*loss_fn"),
-], ids=["frozen", "meta", "non-scalar-loss_fn", "sample-with-targets"])
+    (_Plain, _x, {"loss_fn": lambda output, sample: F.mse_loss(output, torch.zeros(3, 256, 64))}, ValueError,
+     r"loss_fn raised RuntimeError: .* on a sample of shapes \(2, 256, 64\).*targets it closes over must match"),
+    (_hf_llama, lambda: {"input_ids": torch.randint(0, 256, (1, 64))}, {}, ValueError,
+     r"without a \.loss\. A Hugging Face model computes its loss when the batch has 'labels' \(its keys: "
+     r"\['input_ids'\]\).*Or pass MemoptConfig\(loss_fn="),
+], ids=["frozen", "meta", "non-scalar-loss_fn", "sample-with-targets", "loss_fn-raises", "hf-without-labels"])
 def test_user_mistakes_get_memopt_errors_and_leave_the_model_bare(make, sample, config, error, message):
     model = make()
     with pytest.raises(error, match=message):

@@ -168,6 +168,9 @@ def test_suggested_zero_sharding_works_as_written(capsys):
 
 @pytest.mark.parametrize("argv,needle", [
     (["plan", "gpt2", "--seq", "128", "--budget", "lots"], "is not a byte count"),
+    (["plan", "gpt2", "--seq", "128", "--budget", "150%"], "'150%' is not a percentage in (0, 100]"),
+    (["plan", "gpt2", "--seq", "128", "--budget", "0"], "must be positive, got '0'"),
+    (["plan", "gpt2", "--seq", "128", "--budget", "1.5"], "--budget 1.5 is neither a fraction in (0, 1] nor a whole number"),
     (["plan", "gpt2", "--seq", "128", "--dtype", "int4"], "invalid choice"),
     (["plan", "gpt2", "--seq", "128", "--attn-impl", "flash_attention_2"], "invalid choice: 'flash_attention_2'"),
     (["plan", "gpt2", "--seq", "0", "--quiet"], "seq_len must be an int >= 1"),

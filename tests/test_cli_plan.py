@@ -232,3 +232,34 @@ def test_llama3_8b_shows_its_head_row_and_counts_the_logits_by_hand(tmp_path, ca
     assert report.plan.head_chunks > 1 and "chunked" in row and "chunks of" in row
     # Chunked, an eighth of that or less, beside the trained head's weight gradient (bf16, accumulated in place).
     assert min(o.workspace_bytes for o in head.options) < by_hand / 8 + vocab * 4096 * 2
+
+
+
+@pytest.mark.parametrize("budget", ["0.9", "90%"])
+def test_a_budget_as_a_fraction_of_the_activation_peak(tmp_path, capsys, reference, budget):
+    """As the API takes it: 0.9 or 90 % of the activation peak, model states added."""
+    out, report = _plan(tmp_path, capsys, "--budget", budget)
+    resident = report.graph.resident_bytes
+    none = reference.baselines["none"].predicted_peak_bytes
+    assert report.plan.budget_bytes == int(resident + 0.9 * (none - resident))
+    assert report.plan.predicted_peak_bytes <= report.plan.budget_bytes
+    assert f"given as {budget!r}" in out
+
+
+def test_the_readmes_quoted_plan_is_what_the_command_prints(capsys):
+    """The README quotes `memopt plan mistral-7b ...`: its memory breakdown and its baselines' rows (what no
+    solver time limit changes) are printed as quoted."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    command = re.search(r"^memopt plan (mistral-7b [^\n]*?) --html plan\.html$", readme, re.M).group(1).split()
+    block = readme[readme.index("memopt plan: mistral-7b"):]
+    block = block[:block.index("```")]
+    quoted = [line for line in block.splitlines()
+              if re.match(r"  (parameters|activations|peak, no saving|no saving|full recompute) ", line)]
+    assert len(quoted) == 5, quoted
+    assert main(["plan", *command, "--quiet"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    for line in quoted:
+        assert line in printed, line
