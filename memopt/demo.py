@@ -10,6 +10,7 @@ the timed rounds), and whether the parameters match training without memopt bit 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import warnings
 
@@ -159,10 +160,30 @@ def main(argv: list[str] | None = None) -> int:
     for position, name, message in reversed(infeasible):
         lines.insert(position, f"{name:<24} {message}")
     print("\n".join(lines))
+    note = noise_note(runs)
+    if note:
+        print(f"\nnote: {note}")
     print("\nmeasured peak: bytes the step allocates on the device (memopt.meter.MemoryMeter): activations and the"
           " gradients backward makes; predicted: the plan's peak less the parameters and optimizer states;"
           " exact: parameters after training equal the run without memopt bit for bit.")
     return 0 if all(exact) else 1
+
+
+def noise_note(runs: list[_Run]) -> str:
+    """What to make of the step times when the machine was noisy: a run faster than no saving (impossible but
+    for noise: memopt only adds work), or rounds of the run without memopt spread over 10 %; "" otherwise."""
+    base = runs[0]
+    if len(base.times) < 2:
+        return ""
+    spread = (max(base.times) - min(base.times)) / base.step_s
+    faster = [run.name for run in runs[1:] if run.times and run.step_s < base.step_s]
+    if not faster and spread <= 0.10:
+        return ""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    said = f"{', '.join(faster)} measured faster than no saving, which only noise can do; " if faster else ""
+    return (f"{said}the run without memopt varied by {spread:.0%} between rounds (load average {load:.1f} on "
+            f"{os.cpu_count()} cores): step ratios within that are noise here; run the demo on a quiet machine "
+            "for step figures (the peaks and exactness do not depend on it)")
 
 
 def _count(items) -> list[tuple[str, int]]:

@@ -57,7 +57,14 @@ def compute_loss(output, sample, config: MemoptConfig) -> torch.Tensor:
     if loss is None and isinstance(output, dict):
         loss = output.get("loss")
     if loss is None and config.loss_fn is not None:
-        loss = config.loss_fn(output, sample)
+        try:
+            loss = config.loss_fn(output, sample)
+        except Exception as exc:
+            raise ValueError(
+                f"memopt: MemoptConfig.loss_fn raised {type(exc).__name__}: {exc} on a sample of shapes "
+                f"{_describe(sample)} (output {_describe(output)}); it must compute the loss of the sample it is "
+                "given: targets it closes over must match this batch (handle.replan(batch) profiles that batch "
+                "with the same loss_fn)") from exc
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             shape = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(f"memopt: MemoptConfig.loss_fn returned {shape}; it must return a scalar tensor "
@@ -65,8 +72,15 @@ def compute_loss(output, sample, config: MemoptConfig) -> torch.Tensor:
     if loss is None and isinstance(output, torch.Tensor) and output.dim() == 0:
         loss = output
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        hint = ""
+        if isinstance(sample, dict) and "labels" not in sample and hasattr(output, "logits"):
+            # A Hugging Face model computes its loss when the batch has labels (a misspelt key is passed on and
+            # ignored by its **kwargs).
+            hint = (f" A Hugging Face model computes its loss when the batch has 'labels' (its keys: "
+                    f"{sorted(sample)}); for a causal LM e.g. {{'input_ids': ids, 'labels': ids}}. Or")
         raise ValueError(
-            f"memopt needs a scalar loss: the model returned {type(output).__name__} without a .loss; pass "
+            f"memopt needs a scalar loss: the model returned {type(output).__name__} without a .loss"
+            f"{'.' + hint if hint else ';'} pass "
             "MemoptConfig(loss_fn=lambda output, sample: ...) returning a scalar tensor"
         )
     return loss

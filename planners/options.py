@@ -78,6 +78,11 @@ class PlannerOptions:
     def head_options(self, graph: TrainingGraph) -> list[HeadOption]:
         """The head options a plan may take: the unchunked head alone, or the chunked ones these switches allow."""
         head = graph.head
+        if head is not None and self.head == "chunked" and self.exact and head.trained and len(head.options) > 1:
+            raise ValueError("head='chunked' asks to chunk the LM head, and exact=True forbids it for a head that is "
+                             "trained (its weight's gradient would be a sum over chunks, equal within float rounding, "
+                             "not bitwise); drop one: MemoptConfig(head='auto', exact=True) keeps the head whole, "
+                             "MemoptConfig(head='chunked') chunks it")
         if head is None or self.head == "off" or (self.exact and head.trained):
             return head.options[:1] if head is not None else []
         chunked = head.options[1:]

@@ -206,3 +206,18 @@ def test_at_hf_checkpointings_own_bytes_memopt_plans_and_holds_them(name):
     handle.remove()
     assert plan.head_chunks > 1, plan.summary()
     assert measured <= hf_bytes, (measured, hf_bytes, plan.summary())
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained-head", "frozen-head"])
+def test_chunked_and_exact_together_are_refused_where_they_conflict(frozen):
+    """head='chunked' asks for chunks; exact=True forbids them for a trained head: said, not silently dropped."""
+    model = hf_causal_lm("llama", attn_implementation="sdpa", vocab_size=4096, num_hidden_layers=2)
+    if frozen:
+        model.get_output_embeddings().weight.requires_grad_(False)
+    options = memopt.MemoptConfig(allow_swap=False, head="chunked", exact=True)
+    graph = memopt.profile(model, hf_sample(vocab_size=4096, seq=256), options)
+    if frozen:  # a frozen head's chunks keep every gradient bitwise: no conflict
+        assert memopt.plan(graph, 1.0, options).head_chunks > 1
+        return
+    with pytest.raises(ValueError, match=r"head='chunked'.*exact=True.*MemoptConfig\(head='auto', exact=True\)"):
+        memopt.plan(graph, 1.0, options)
