@@ -143,7 +143,7 @@ class Handle:
 
     def report(self) -> str:
         """The plan's table, followed by what was measured since it was applied."""
-        lines = [self.plan.summary()]
+        lines = [self.plan.summary(self.graph)]
         if self._runtime is not None:
             stats = self._runtime.stats()
             lines.append(f"measured        {stats['unit_forward_calls']} planned unit calls, "

@@ -345,16 +345,32 @@ class Plan:
         """Predicted step time as a multiple of the nothing-saved step."""
         return self.predicted_step_s / self.baseline_step_s if self.baseline_step_s > 0 else 1.0
 
-    def summary(self) -> str:
-        """The table the CLI prints: one row per unit, then the totals.
+    def summary(self, graph: TrainingGraph | None = None) -> str:
+        """One row per unit, then the totals.
 
         Budget and peaks include the model states (parameters, gradients, optimizer state and any ZeRO-3
         gathered parameters); where ``graph_meta["resident_bytes"]`` says how many bytes those are, each
         figure is split into them plus the activations.
+
+        Args:
+            graph (TrainingGraph | None): the step the plan was made for. Given, a unit's ``keep`` and ``swap``
+                are the shares of its saved bytes left on the device and sent to the host and ``recomp`` the
+                share of its forward run again, as ``memopt plan`` shows them (a selective recompute keeps its
+                matmul and attention outputs and reruns the rest); else the decision's own fractions.
         """
         rows = [f"{'unit':<32} {'mode':<10} {'keep':>6} {'swap':>6} {'recomp':>6}"]
-        for d in self.decisions:
-            rows.append(f"{d.unit[-32:]:<32} {d.label:<10} {d.keep:>6.2f} {d.swap:>6.2f} {d.recompute:>6.2f}")
+        amounts = None
+        if graph is not None and [u.name for u in graph.units] == [d.unit for d in self.decisions]:
+            from .planners.simulator import unit_amounts
+
+            amounts = [unit_amounts(u, d) for u, d in zip(graph.units, self.decisions)]
+        for i, d in enumerate(self.decisions):
+            keep, swap, recompute = d.keep, d.swap, d.recompute
+            if amounts is not None:
+                saved = graph.units[i].saved_bytes or 1
+                keep, swap = amounts[i].kept_bytes / saved, amounts[i].swapped_bytes / saved
+                recompute = amounts[i].recompute
+            rows.append(f"{d.unit[-32:]:<32} {d.label:<10} {keep:>6.2f} {swap:>6.2f} {recompute:>6.2f}")
         if self.head_chunks > 1:
             rows.append(f"{'lm head + loss':<32} {'chunked':<10} {self.head_chunks} chunks of {self.head_chunk_rows} rows")
         resident = self.graph_meta.get("resident_bytes")

@@ -240,6 +240,26 @@ def test_handle_report_and_stats_after_training():
         handle.stats()
 
 
+def test_the_report_shows_what_a_selective_unit_keeps_as_the_cli_does():
+    """A selective recompute keeps its matmul and attention outputs and reruns the rest: the handle's report shows
+    the share of saved bytes kept and the share of the forward rerun (memopt plan's figures), not 0 kept."""
+    from memopt.graph import Decision, Mode, Plan
+    from memopt.planners.simulator import unit_amounts
+
+    model, batch = hf_causal_lm("llama", num_hidden_layers=2), hf_sample(seq=128)
+    graph = memopt.profile(model, batch)
+    decisions = [Decision(graph.units[0].name, 0, 0, 1, Mode.SELECTIVE), Decision(graph.units[1].name)]
+    plan = Plan(decisions, 1, 1, 0, 0.0, 0.0, 0)
+    handle = memopt.apply(model, plan, graph=graph)
+    row = next(line for line in handle.report().splitlines() if line.startswith(graph.units[0].name))
+    handle.remove()
+    amounts = unit_amounts(graph.units[0], decisions[0])
+    keep, swap, recompute = (float(x) for x in row.split()[-3:])
+    assert keep == round(amounts.kept_bytes / graph.units[0].saved_bytes, 2) and 0 < keep < 1
+    assert swap == 0 and recompute == round(amounts.recompute, 2) and 0 < recompute < 1
+    assert plan.summary().splitlines()[1].split()[-3:] == ["0.00", "0.00", "1.00"]  # no graph: the decision's own
+
+
 def test_plan_json_round_trip_and_apply_from_saved_plan():
     model = _mlp()
     graph = memopt.profile(model, _x())
