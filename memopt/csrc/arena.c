@@ -468,11 +468,13 @@ static uint32_t find_lowest(const mo_arena *a, uint64_t span, uint64_t align) {
     return MO_NIL;
 }
 
-/* As mo_arena_alloc, at the lowest address that fits once the held-back blocks are released (they would
- * only push it up): a device pool's planned region, placed once, low, so that the part of the region in use
- * stays short. Never a slab slot; O(blocks). */
-int mo_arena_alloc_lowest(mo_arena *a, uint64_t nbytes, uint64_t alignment, uint64_t *offset, uint64_t *span_out,
-                          uint64_t *serial) {
+/* As mo_arena_alloc, at the lowest address that fits. Never a slab slot; O(blocks). With release_held the
+ * held-back blocks (quarantine) are released first, as they would only push it up: a device pool's planned
+ * region, placed once, low, so that the part of the region in use stays short. Without, they are released only
+ * when nothing fits without them, as alloc_block does: a heap placing every block lowest first for a whole
+ * warm-up must not hand a just-freed block straight back. */
+int mo_arena_alloc_lowest(mo_arena *a, uint64_t nbytes, uint64_t alignment, int release_held, uint64_t *offset,
+                          uint64_t *span_out, uint64_t *serial) {
     if (nbytes == 0 || alignment == 0 || (alignment & (alignment - 1)))
         return mo_fail(MO_E_INVALID_ARG, "size %llu at alignment %llu: ask for at least 1 byte at a power of two",
                        (ull)nbytes, (ull)alignment);
@@ -481,8 +483,12 @@ int mo_arena_alloc_lowest(mo_arena *a, uint64_t nbytes, uint64_t alignment, uint
     uint64_t span = mo_round_up(nbytes + (canaries_on(a) ? MO_CANARY_MIN_BYTES : 0), MO_GRANULE_BYTES);
     if (span > a->capacity)
         return mo_fail(MO_E_EXHAUSTED, "request of %llu bytes exceeds the capacity of %llu bytes", (ull)nbytes, (ull)a->capacity);
-    if (a->q_count && fits_after_flush(a, span, align, 0)) flush_held(a);
+    if (release_held && a->q_count) flush_held(a);
     uint32_t idx = find_lowest(a, span, align);
+    if (idx == MO_NIL && a->q_count && fits_after_flush(a, span, align, 0)) {
+        flush_held(a);
+        idx = find_lowest(a, span, align);
+    }
     if (idx == MO_NIL)
         return mo_fail(MO_E_EXHAUSTED, "no free run of %llu bytes at alignment %llu (free %llu of %llu bytes)", (ull)nbytes,
                        (ull)alignment, (ull)(a->capacity - a->st.allocated_bytes - a->st.quarantined_bytes), (ull)a->capacity);
@@ -511,21 +517,18 @@ int mo_arena_alloc_at(mo_arena *a, uint64_t offset, uint64_t nbytes, uint64_t *s
 }
 
 /* The free runs, by offset, once the held-back blocks are released: up to cap of them in offsets/sizes,
- * *count all of them (call again with room for *count when it exceeds cap). */
+ * *count all of them (call again with room for *count when it exceeds cap). Free neighbours are always merged
+ * (mo_arena_check), so a run is one free block; with canaries each is reported short of the canary a block
+ * placed in it takes (mo_arena_alloc_at), so a region laid out to fill it still fits. */
 int mo_arena_free_runs(mo_arena *a, uint64_t cap, uint64_t *offsets, uint64_t *sizes, uint64_t *count) {
     if (a->q_count) flush_held(a);
-    uint64_t k = 0;
-    for (uint32_t i = a->phys_head; i != MO_NIL;) {
-        if (a->nodes[i].state != MO_STATE_FREE) {
-            i = a->nodes[i].next_phys;
-            continue;
-        }
-        uint64_t begin = a->nodes[i].offset, end = begin;
-        for (; i != MO_NIL && a->nodes[i].state == MO_STATE_FREE; i = a->nodes[i].next_phys)
-            end = a->nodes[i].offset + a->nodes[i].size;
+    uint64_t k = 0, guard = canaries_on(a) ? mo_round_up(MO_CANARY_MIN_BYTES, MO_GRANULE_BYTES) : 0;
+    for (uint32_t i = a->phys_head; i != MO_NIL; i = a->nodes[i].next_phys) {
+        const mo_node *n = &a->nodes[i];
+        if (n->state != MO_STATE_FREE || n->size <= guard) continue;
         if (k < cap) {
-            offsets[k] = begin;
-            sizes[k] = end - begin;
+            offsets[k] = n->offset;
+            sizes[k] = n->size - guard;
         }
         k++;
     }

@@ -325,7 +325,7 @@ static int reuse_pending(mo_dev *d, uint64_t nbytes, uint64_t stream, uint64_t *
 /* A heap block: the arena's own placement, or the lowest address that fits (lowest_first: the steps before a
  * replay is armed, so that what they leave alive packs low and a layout among it has no high block to clear). */
 static int heap_place(mo_dev *d, uint64_t nbytes, uint64_t *offset, uint64_t *span, uint64_t *serial) {
-    if (d->lowest_first) return mo_arena_alloc_lowest(d->arena, nbytes, d->alignment, offset, span, serial);
+    if (d->lowest_first) return mo_arena_alloc_lowest(d->arena, nbytes, d->alignment, 0, offset, span, serial);
     return mo_arena_alloc(d->arena, nbytes, d->alignment, offset, span, serial, NULL);
 }
 

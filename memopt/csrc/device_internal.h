@@ -84,8 +84,6 @@ typedef struct mo_range {
     uint8_t piece;    /* what is left of a freed range that an allocation on its own stream overlapped in part */
 } mo_range;
 
-#define MO_DEV_DEPARTURES 64u /* departures from a plan logged (mo_dev_departures) */
-
 typedef struct mo_plan {
     int armed;
     uint64_t count;           /* positions */

@@ -203,6 +203,8 @@ typedef struct mo_dev_stats {
     uint64_t busy_departures;      /* fallbacks whose planned range still held a live planned block */
 } mo_dev_stats_t;
 
+#define MO_DEV_DEPARTURES 64u /* departures from a plan logged (mo_dev_departures) */
+
 /* Why an allocation of a replayed step left the plan (mo_dev_departures). */
 enum {
     MO_DEPART_SIZE = 1,   /* no position within the lookahead asks these bytes, or the plan's end was passed */
@@ -260,8 +262,9 @@ MO_API int mo_dev_plan_at(uint64_t handle, uint64_t count, const uint64_t *nbyte
 MO_API int mo_dev_set_lowest_first(uint64_t handle, int on);
 /* Disarms replay and gives the regions back (fails while a planned block is live). */
 MO_API int mo_dev_unplan(uint64_t handle);
-/* The first departures from the armed plan (at most MO_DEV_DEPARTURES of them, in order; the counters in
- * mo_dev_stats_t count them all): up to cap are written to out and *count says how many were logged. */
+/* The first departures from the armed plan (at most MO_DEV_DEPARTURES of them, in order; fallback_allocs counts
+ * them all, size_departures, busy_departures and stream_conflicts by reason): up to cap are written to out and
+ * *count says how many were logged. */
 MO_API int mo_dev_departures(uint64_t handle, uint64_t cap, mo_departure_t *out, uint64_t *count);
 /* A step begins: the next allocation is the plan's first. */
 MO_API int mo_dev_step(uint64_t handle);

@@ -179,8 +179,8 @@ typedef struct mo_handle {
 
 int mo_arena_alloc(mo_arena *a, uint64_t nbytes, uint64_t alignment, uint64_t *offset, uint64_t *span,
                    uint64_t *serial, uint64_t *check);
-int mo_arena_alloc_lowest(mo_arena *a, uint64_t nbytes, uint64_t alignment, uint64_t *offset, uint64_t *span,
-                          uint64_t *serial);
+int mo_arena_alloc_lowest(mo_arena *a, uint64_t nbytes, uint64_t alignment, int release_held, uint64_t *offset,
+                          uint64_t *span, uint64_t *serial);
 int mo_arena_alloc_at(mo_arena *a, uint64_t offset, uint64_t nbytes, uint64_t *span, uint64_t *serial);
 int mo_arena_free_runs(mo_arena *a, uint64_t cap, uint64_t *offsets, uint64_t *sizes, uint64_t *count);
 uint64_t mo_arena_extent(const mo_arena *a);

@@ -258,7 +258,7 @@ static int check_positions(const mo_dev *d, const mo_plan *p, const uint64_t *nb
             return mo_fail(MO_E_INVALID_ARG, "position %llu asks for 0 bytes; give at least 1", (ull)i);
         if (offsets[i] == MO_UNPLANNED) continue;
         uint64_t span = mo_round_up(nbytes[i], d->alignment), r = region_of(p, offsets[i]);
-        if (offsets[i] % d->alignment || r == p->n_regions || span > p->region_bytes[r] ||
+        if (span < nbytes[i] || offsets[i] % d->alignment || r == p->n_regions || span > p->region_bytes[r] ||
             offsets[i] - p->region_offsets[r] > p->region_bytes[r] - span)
             return mo_fail(MO_E_INVALID_ARG, "position %llu: offset %llu with %llu bytes is not aligned to %llu or ends past "
                            "the region of the plan it starts in (or starts in none)", (ull)i, (ull)offsets[i], (ull)nbytes[i], (ull)d->alignment);
@@ -327,7 +327,7 @@ int mo_replay_plan(mo_dev *d, uint64_t count, const uint64_t *nbytes, const uint
     const uint64_t at_start = 0; /* the layout's offsets are in the region until it is placed */
     if ((rc = new_plan(d, &p, count, nbytes, offsets, 1, &at_start, &region_bytes)) != MO_OK) return rc;
     uint64_t span, serial;
-    if ((rc = mo_arena_alloc_lowest(d->arena, region_bytes, d->alignment, &p.region_offsets[0], &span, &serial)) != MO_OK) {
+    if ((rc = mo_arena_alloc_lowest(d->arena, region_bytes, d->alignment, 1, &p.region_offsets[0], &span, &serial)) != MO_OK) {
         drop_plan(&p);
         return rc;
     }

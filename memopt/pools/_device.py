@@ -109,6 +109,9 @@ class DeviceStats:
     busy_departures: int
 
 
+#: Departures from a plan the C core logs (MO_DEV_DEPARTURES in moalloc.h).
+DEPARTURES_LOGGED = 64
+
 #: Why an allocation of a replayed step left the plan (``Departure.reason``), as moalloc.h's MO_DEPART_*.
 DEPARTURE_REASONS = {1: "size", 2: "busy", 3: "stream", 4: "nomem"}
 
@@ -317,11 +320,12 @@ class DevicePool:
     def departures(self) -> list[Departure]:
         """The first departures from the armed plan, in order (at most 64; ``stats()`` counts them all); empty
         without a plan."""
-        raw = (_lib.MoDeparture * 64)()
+        raw = (_lib.MoDeparture * DEPARTURES_LOGGED)()
         count = ctypes.c_uint64()
-        self._call("list the departures from the plan", "mo_dev_departures", 64, raw, ctypes.byref(count))
+        self._call("list the departures from the plan", "mo_dev_departures", DEPARTURES_LOGGED, raw,
+                   ctypes.byref(count))
         return [Departure(r.step, r.position, r.nbytes, r.planned_nbytes, DEPARTURE_REASONS.get(r.reason, str(r.reason)))
-                for r in raw[:min(count.value, 64)]]
+                for r in raw[:count.value]]
 
     def step(self) -> None:
         """A step begins: the next allocation is the plan's first."""
