@@ -36,6 +36,20 @@ def environment() -> dict[str, str]:
     }
 
 
+def latest_session_files(pattern: str) -> list[Path]:
+    """The files matching ``pattern`` in the newest filed GPU session folder that has any
+    (``results/gpu_session-<date>/session-<x>/``, as bench/gpu_results.py files them).
+
+    Raises:
+        SystemExit: no filed session holds such a file.
+    """
+    for session in sorted(RESULTS_DIR.glob("gpu_session-*/session-*"), reverse=True):
+        found = sorted(session.glob(pattern))
+        if found:
+            return found
+    raise SystemExit(f"no filed {pattern} under bench/results/gpu_session-*/: pass the files to read")
+
+
 def write_rows(scenario: str, rows: list[dict], *, table_columns: list[str] | None = None) -> Path:
     """Append rows to ``bench/results/<scenario>.csv`` and refresh the scenario's table in README.md.
 

@@ -27,7 +27,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import RESULTS_DIR, write_rows  # noqa: E402
+from harness import RESULTS_DIR, latest_session_files, write_rows  # noqa: E402
 
 import memopt  # noqa: E402
 from memopt.graph import TrainingGraph  # noqa: E402
@@ -80,15 +80,6 @@ def bound_rows(graph: TrainingGraph, budget_gib: float, targets: list[float], la
     return row
 
 
-def latest_session_graphs() -> list[Path]:
-    sessions = sorted(RESULTS_DIR.glob("gpu_session-*/session-*"))
-    for session in reversed(sessions):
-        found = sorted(session.glob("train_gpu_[0-9]*_graph_memopt-match.json"))
-        if found:
-            return found
-    raise SystemExit("no filed GPU graphs under bench/results/gpu_session-*/: pass --graphs")
-
-
 def checkpoint_peak_gib(seq: int) -> float:
     """Hugging Face checkpointing's measured peak allocated GiB at ``seq`` (the latest torch-allocator row)."""
     with (RESULTS_DIR / "train_gpu.csv").open() as f:
@@ -111,7 +102,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--targets", default="1.10,1.08", help="step ratios to find the budget of")
     parser.add_argument("--no-write", action="store_true", help="print the rows only")
     args = parser.parse_args(argv)
-    graphs = args.graphs or latest_session_graphs()
+    graphs = args.graphs or latest_session_files("train_gpu_[0-9]*_graph_memopt-match.json")
     budgets = args.budget_gib or [checkpoint_peak_gib(_seq(p)) for p in graphs]
     if len(budgets) != len(graphs):
         parser.error(f"{len(graphs)} graphs but {len(budgets)} budgets: give one --budget-gib per graph")

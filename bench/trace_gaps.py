@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import RESULTS_DIR, write_rows  # noqa: E402
+from harness import latest_session_files, write_rows  # noqa: E402
 
 BUSY = ("kernel", "gpu_memcpy", "gpu_memset")
 WAITS = ("aten::_local_scalar_dense",)
@@ -82,21 +82,13 @@ def analyse(path: Path, window_ms: float) -> dict:
             "host_waits_over_1ms": len(waits), "after_each_wait": "; ".join(costs)}
 
 
-def latest_traces() -> list[Path]:
-    for session in sorted(RESULTS_DIR.glob("gpu_session-*/session-*"), reverse=True):
-        found = sorted(session.glob("trace_*.json.gz"))
-        if found:
-            return found
-    raise SystemExit("no filed trace under bench/results/gpu_session-*/: pass one")
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("traces", nargs="*", type=Path)
     parser.add_argument("--window-ms", type=float, default=10.0)
     parser.add_argument("--no-write", action="store_true", help="print the rows only")
     args = parser.parse_args(argv)
-    rows = [analyse(path, args.window_ms) for path in (args.traces or latest_traces())]
+    rows = [analyse(path, args.window_ms) for path in (args.traces or latest_session_files("trace_*.json.gz"))]
     for row in rows:
         print(row)
     if not args.no_write:

@@ -27,6 +27,9 @@ def profile(model: nn.Module, sample: Any, config: MemoptConfig | None = None,
     ``config.profile_repeats`` timing-only steps give the times, combined by ``memopt.timing.robust_times``
     (medians, identical blocks pooled, a busy machine flagged).
 
+    On CUDA the profile reads the allocator's peak per window, so it resets ``torch.cuda.max_memory_allocated``
+    (``reset_peak_memory_stats``): read your own peaks before ``profile``, ``optimize`` or ``handle.replan``.
+
     Example:
         >>> import torch, memopt
         >>> from memopt.testing import TinyMLP

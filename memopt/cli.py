@@ -260,10 +260,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     progress = _Progress(enabled=not args.quiet)
     _quiet_transformers()
     graph = fake_profile(args.model, setup, hardware, attn_implementation=args.attn_impl, progress=progress)
-    budget_bytes = resolve_budget(graph, budget)
+    spec = parse_budget(budget)
+    budget_bytes = resolve_budget(graph, spec)
     if args.budget is None:
         budget_text = f"{format_bytes(hardware.device_bytes)} ({hardware.name})"
-    elif isinstance(parse_budget(budget), float):
+    elif isinstance(spec, float):
         budget_text = f"{args.budget} of the activation peak ({format_bytes(budget_bytes)})"
     else:
         budget_text = args.budget

@@ -55,8 +55,8 @@ class MemoptConfig:
             decides), ``"chunked"`` always, ``"off"`` never (the head is then not profiled for it).
         exact (bool, default False): only plans whose gradients are bitwise those without memopt: a trained
             head is then never chunked (its weight's gradient would be a sum over chunks, equal within float
-            rounding); with ``head="chunked"`` a plan for a trained head is refused (ValueError) rather than
-            left unchunked.
+            rounding); with ``head="chunked"`` a plan for a trained head that could be chunked is refused
+            (ValueError) rather than left unchunked.
     """
 
     loss_fn: Callable[[Any, Any], Any] | None = None

@@ -28,6 +28,7 @@ from ._storages import StorageMap
 from ._warn import warn
 from .blocks import call_name, select_units, split_name
 from .config import MemoptConfig
+from .errors import MemoptError
 from .graph import Mode, TrainingGraph, Unit
 from .hardware import Hardware
 from .head_profile import HeadCapture, profile_head
@@ -59,6 +60,8 @@ def compute_loss(output, sample, config: MemoptConfig) -> torch.Tensor:
     if loss is None and config.loss_fn is not None:
         try:
             loss = config.loss_fn(output, sample)
+        except (torch.OutOfMemoryError, MemoptError):
+            raise  # not the loss_fn's mistake: as it was
         except Exception as exc:
             raise ValueError(
                 f"memopt: MemoptConfig.loss_fn raised {type(exc).__name__}: {exc} on a sample of shapes "

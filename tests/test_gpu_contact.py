@@ -112,7 +112,7 @@ def test_hf_model_under_optimize_matches_and_fits(device, family, attn, record_p
     batches = [{k: v.to(device) for k, v in hf_sample(batch=2, seq=256, seed=s).items()} for s in range(2)]
 
     def loop(build, handle_fn=None):
-        base = 0
+        base = base_requested = 0
         if device == "cuda":
             # Only this run's bytes: what earlier tests left for the garbage collector, and cuBLAS workspaces they
             # made (the plan counts them as fixed bytes; they are made again below), stay out of the peaks.
@@ -120,11 +120,12 @@ def test_hf_model_under_optimize_matches_and_fits(device, family, attn, record_p
             torch.cuda.synchronize()
             torch._C._cuda_clearCublasWorkspaces()
             base = torch.cuda.memory_allocated()
+            base_requested = torch.cuda.memory_stats()["requested_bytes.all.current"]
 
         def requested_peak() -> int:
             # What the tensors asked for. torch's caching allocator hands out a free block whole when less
             # than 1 MiB of it would be left over, and counts the whole block as allocated (recorded beside).
-            return torch.cuda.memory_stats()["requested_bytes.all.peak"] - base
+            return torch.cuda.memory_stats()["requested_bytes.all.peak"] - base_requested
 
         model = build()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -137,8 +137,8 @@ class HostStore:
 
     def put(self, tensor: torch.Tensor) -> HostEntry | None:
         """Copy a contiguous tensor to host memory; None when it is not on the store's device (flash
-        attention saves its RNG seed and offset as CPU scalars: ``record_stream`` refuses them, and they take
-        no device memory) or the arena is full."""
+        attention saves its RNG seed and offset as CPU scalars, which take no device memory) or the arena is
+        full."""
         from memopt.errors import ArenaExhausted
 
         nbytes = tensor.numel() * tensor.element_size()
